@@ -1,0 +1,44 @@
+# mathtune: the two commands a newcomer needs are `make demo` and `make test` (see README.md).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+CONFIG  ?= configs/flan-t5-large.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench lint submit clean
+
+# Creates .venv and installs the project + dev tools from pyproject.toml. Re-runs only when
+# pyproject.toml changes (the stamp), so it is ~instant when already done.
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# The main job end to end on the embedded default (offline, CPU): pipeline -> eval before -> train -> eval after.
+demo: setup
+	$(BIN)/python -m cluster.run --config configs/demo.yaml
+
+# The whole test suite (CPU, local Ray); GPU tests skip themselves.
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no Ray): seconds.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m bench.run_all
+
+lint: setup
+	$(BIN)/ruff check .
+
+# Submit the end-to-end job to a running cluster: RAY_ADDRESS=http://127.0.0.1:8265 make submit CONFIG=...
+submit: setup
+	@test -n "$$RAY_ADDRESS" || (echo "set RAY_ADDRESS (e.g. http://127.0.0.1:8265 via 'ray dashboard cluster/aws.yaml')"; exit 2)
+	$(BIN)/ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m cluster.run --config $(CONFIG)
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,239 @@
+"""Typed configs: YAML sections -> dataclasses, every field overridable from the command line.
+
+One YAML file describes a whole run (`configs/demo.yaml`): a section per stage (`pipeline:`, `train:`,
+`eval:`) plus `ray:` for how to reach Ray. Each stage parses its own section into its own dataclass; the
+file holds only what differs from the dataclass defaults (nanoGPT's configurator, litgpt's args.py).
+
+Errors (unknown key, wrong type, contradictory values) raise ConfigError before Ray starts; the stage
+entry points turn it into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says which key and why."""
+
+
+@dataclasses.dataclass
+class RayConfig:
+    """How a stage reaches Ray. Empty address = start a local Ray sized for this machine."""
+
+    address: str | None = None
+    """Ray address ("auto", "ray://head:10001", "127.0.0.1:6379"). Falls back to $RAY_ADDRESS."""
+    num_cpus: int | None = None
+    """Logical CPUs of a *local* Ray. Default max(4, cores): on a 2-core box Ray Train workers and Ray Data
+    tasks must both get a CPU slot, or the data feeding the trainer never runs (see shared/NOTES.md)."""
+    num_gpus: int | None = None
+    """GPUs of a local Ray (default: what Ray detects)."""
+    object_store_memory_gb: float | None = None
+    """Object store size of a local Ray (default: Ray's, 30% of RAM)."""
+    resource_timeout_s: float = 0.0
+    """How long to wait for an autoscaling cluster to grow to the requested resources before failing.
+    0 = decide now from what the cluster has (right for a local Ray, which never grows)."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"ray.num_cpus must be >= 1, got {self.num_cpus}")
+        if self.resource_timeout_s < 0:
+            raise ConfigError("ray.resource_timeout_s must be >= 0")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and where unambiguous convert) a YAML/CLI value to the field's annotated type."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none")):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: must not be null")
+    if get_origin(inner) is Literal:
+        choices = get_args(inner)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if inner is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if inner is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if inner is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if get_origin(inner) in (list, tuple):
+        (item_tp, *_) = get_args(inner) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        items = [v if item_tp is Any else _coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if get_origin(inner) is tuple else items
+    if inner is dict or get_origin(inner) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], values: dict[str, Any], section: str) -> T:
+    """Build dataclass `cls` from a mapping: unknown keys and wrong types are ConfigErrors."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"section '{section}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) in '{section}': {', '.join(unknown)}. Known keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field without default
+        raise ConfigError(f"section '{section}': {e}") from e
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (litgpt style), for --help."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One --kebab-case flag per field. Defaults are SUPPRESS so we can tell what the user set."""
+    group = parser.add_argument_group(title)
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        inner, _ = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = f"{docs.get(f.name, '')} (default: {default!r})".strip()
+        if inner is bool:
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
+            )
+        else:
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
+
+
+def parse_stage_args(
+    stage_cls: type[T], section: str, argv: list[str] | None, description: str, prog: str
+) -> tuple[T, RayConfig, argparse.Namespace]:
+    """`python -m <stage> --config FILE [--<field> VALUE ...]` -> (stage config, ray config, raw args).
+
+    Precedence: dataclass default < YAML section < command-line flag.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML config file (sections: ray, pipeline, train, eval)")
+    add_dataclass_args(parser, stage_cls, f"{section} options (override the '{section}:' section)")
+    add_dataclass_args(parser, RayConfig, "ray options (override the 'ray:' section)")
+    args = parser.parse_args(argv)
+    cfg, ray_cfg = resolve(stage_cls, section, args.config, vars(args))
+    return cfg, ray_cfg, args
+
+
+def resolve(
+    stage_cls: type[T], section: str, config_path: str | None, overrides: dict[str, Any]
+) -> tuple[T, RayConfig]:
+    data = read_yaml(config_path) if config_path else {}
+    stage_vals = dict(data.get(section) or {})
+    ray_vals = dict(data.get("ray") or {})
+    stage_names = {f.name for f in dataclasses.fields(stage_cls)}
+    ray_names = {f.name for f in dataclasses.fields(RayConfig)}
+    for k, v in overrides.items():
+        if k in stage_names:
+            stage_vals[k] = v
+        elif k in ray_names:
+            ray_vals[k] = v
+    return from_dict(stage_cls, stage_vals, section), from_dict(RayConfig, ray_vals, "ray")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def run_cli(main: typing.Callable[[], int | None]) -> None:
+    """Run a stage's main(); configuration errors become one clear line and exit code 2."""
+    import sys
+
+    try:
+        code = main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -1,0 +1,95 @@
+"""Where the work meets Ray: connect (or start a right-sized local Ray) and check resources up front.
+
+- No address and no $RAY_ADDRESS: start a local Ray. On a small machine its logical CPUs are raised to at
+  least 4, because a TorchTrainer whose workers hold every CPU leaves Ray Data none to feed them and the
+  run waits forever (measured on 2 cores, shared/NOTES.md).
+- `--address` / $RAY_ADDRESS (set by `ray job submit` for the driver): connect to that cluster.
+- `require_resources` turns "would wait forever for resources" into a clear error within a bounded time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from cluster.config import RayConfig
+
+log = logging.getLogger("mathtune")
+
+MIN_LOCAL_CPUS = 4
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot provide what the job asks for (now, or within the configured wait)."""
+
+
+def local_num_cpus() -> int:
+    return max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+
+
+def init_ray(cfg: RayConfig | None = None, **runtime_env_vars: str) -> None:
+    """Idempotent: a Ray already initialized in this process (tests, cluster.run) is reused."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        return
+    # Quiet, deterministic tokenizers in workers; never forward secrets (HF_TOKEN stays in the driver env
+    # and is only read by huggingface_hub where it is needed).
+    env_vars = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"), **runtime_env_vars}
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        return
+    num_cpus = cfg.num_cpus or local_num_cpus()
+    store = int(cfg.object_store_memory_gb * 2**30) if cfg.object_store_memory_gb else None
+    log.info("starting a local Ray with %d logical CPUs", num_cpus)
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=cfg.num_gpus,
+        object_store_memory=store,
+        include_dashboard=False,
+        runtime_env={"env_vars": env_vars},
+        log_to_driver=True,
+    )
+
+
+def require_resources(
+    what: str, cpus: float = 0, gpus: float = 0, per_bundle: dict | None = None, bundles: int = 1,
+    timeout_s: float = 0.0,
+) -> None:
+    """Fail clearly unless the cluster has (or grows to, within timeout_s) the requested resources.
+
+    Checks both the total and that each bundle (e.g. one training worker) fits on some single node:
+    a 2-GPU worker never fits a cluster of 1-GPU nodes, however many there are.
+    """
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total = ray.cluster_resources()
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        problems = []
+        if total.get("CPU", 0) < cpus:
+            problems.append(f"{cpus:g} CPUs (cluster has {total.get('CPU', 0):g})")
+        if total.get("GPU", 0) < gpus:
+            problems.append(f"{gpus:g} GPUs (cluster has {total.get('GPU', 0):g})")
+        if per_bundle:
+            fits = sum(
+                min(int(n.get(k, 0) // v) for k, v in per_bundle.items() if v > 0) if any(per_bundle.values()) else bundles
+                for n in nodes
+            )
+            if fits < bundles:
+                problems.append(f"{bundles} x {per_bundle} on single nodes (room for {fits})")
+        if not problems:
+            return
+        if time.monotonic() >= deadline:
+            waited = f" after waiting {timeout_s:g}s" if timeout_s else ""
+            raise ResourceError(
+                f"{what} needs {', '.join(problems)}{waited}. Lower the request (e.g. --num-workers, "
+                f"--use-gpu false, --cpus-per-worker), raise ray.num_cpus for a local Ray, or set "
+                f"ray.resource_timeout_s to let an autoscaling cluster grow."
+            )
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from cluster.config import ConfigError, RayConfig, from_dict, parse_stage_args, read_yaml
+
+
+@dataclasses.dataclass
+class Demo:
+    output: str = "out"
+    """where to write"""
+    rows: int = 10
+    lr: float = 1e-3
+    strict: bool = False
+    mode: Literal["a", "b"] = "a"
+    limit: int | None = None
+
+    def __post_init__(self):
+        if self.rows < 1:
+            raise ConfigError("rows must be >= 1")
+
+
+def test_yaml_then_cli_precedence(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("demo:\n  rows: 20\n  lr: 0.1\nray:\n  num_cpus: 6\n")
+    cfg, ray_cfg, _ = parse_stage_args(Demo, "demo", ["--config", str(f), "--rows", "30", "--strict"], "", "x")
+    assert cfg.rows == 30 and cfg.lr == 0.1 and cfg.strict is True and cfg.output == "out"
+    assert ray_cfg.num_cpus == 6
+
+
+def test_cli_only_and_optional_none():
+    cfg, _, _ = parse_stage_args(Demo, "demo", ["--limit", "none", "--mode", "b"], "", "x")
+    assert cfg.limit is None and cfg.mode == "b"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"rowz": 3}, "unknown key(s) in 'demo': rowz"),
+        ({"rows": "many"}, "demo.rows: expected an integer"),
+        ({"strict": "maybe"}, "demo.strict: expected true/false"),
+        ({"mode": "c"}, "demo.mode: 'c' is not one of"),
+        ({"rows": 0}, "rows must be >= 1"),
+        ({"lr": True}, "demo.lr: expected a number"),
+    ],
+)
+def test_bad_values_are_clear_errors(values, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        from_dict(Demo, values, "demo")
+
+
+def test_bad_yaml_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        read_yaml(f)
+    with pytest.raises(ConfigError, match="config file not found"):
+        read_yaml(tmp_path / "missing.yaml")
+
+
+def test_ray_config_validation():
+    with pytest.raises(ConfigError, match="num_cpus"):
+        RayConfig(num_cpus=0)
