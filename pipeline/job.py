@@ -170,7 +170,9 @@ def build_dataset(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fractio
                 max_label_tokens=cfg.max_label_tokens, validation_fraction=fraction, seed=cfg.seed,
                 kill_once_marker=kill_once,
             ),
-            batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=workers), num_cpus=1,
+            # batch_size=None: whole blocks, which the reader already cut at cfg.batch_size rows. A row count
+            # here would make Ray bundle ~8k one-row *unit* blocks into a single fused task (no parallelism).
+            batch_size=None, batch_format="pyarrow", compute=ActorPoolStrategy(size=workers), num_cpus=1,
         )
     )
 

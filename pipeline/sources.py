@@ -17,7 +17,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -54,7 +54,7 @@ class ReadUnit:
     seed: int = 0
     module: str = ""
     fs_spec: str = ""  # how to reopen the filesystem inside a worker (the source spec)
-    meta: dict = field(default_factory=dict, hash=False, compare=False)
+    row_groups: tuple[int, ...] = ()  # parquet: the row groups of this unit (empty = all)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def plan(cfg: PipelineConfig) -> tuple[list[ReadUnit], dict]:
         if kind == "v1txt" and os.path.splitext(parts[-1])[0] != cfg.module:
             ignored.append(path)  # the v1.0 release holds every module in each regime folder
             continue
-        units.append(_file_unit(fs, path, parts, kind, spec))
+        units.extend(_file_units(fs, path, parts, kind, spec))
     if not units:
         raise SourceError(
             f"no data files under {cfg.source}: expected .parquet, .jsonl, .arrow files or the v1.0 layout "
@@ -172,8 +172,13 @@ def plan_generate(cfg: PipelineConfig) -> list[ReadUnit]:
     return units
 
 
-def _file_unit(fs: pafs.FileSystem, path: str, parts: list[str], kind: str, spec: str) -> ReadUnit:
-    columns, rows = inspect_file(fs, path, kind)
+# A Parquet file is read in pieces of about this many rows (whole row groups), one piece per read unit:
+# the hub ships all 1.98M train rows in one file, and one unit per file would leave one worker busy.
+PARQUET_ROWS_PER_UNIT = 250_000
+
+
+def _file_units(fs: pafs.FileSystem, path: str, parts: list[str], kind: str, spec: str) -> list[ReadUnit]:
+    columns, rows, groups = inspect_file(fs, path, kind)
     found = split_of_path(parts)
     if kind == "v1txt" and (found is None or found[1] in ("train", "test", "validation")):
         raise SourceError(f"{path}: a v1.0 text file must sit in a regime folder (train-easy, train-medium, "
@@ -182,8 +187,19 @@ def _file_unit(fs: pafs.FileSystem, path: str, parts: list[str], kind: str, spec
         raise SourceError(f"{path}: cannot tell its split: name the file or its folder train*/test*/validation* "
                           f"(or a v1.0 regime), or add a `split` column")
     split, regime = found if found else (None, None)
-    return ReadUnit(kind, split, regime, path=path, rows=rows, fs_spec=spec,
-                    meta={"has_split": "split" in columns, "has_regime": "regime" in columns})
+    pieces: list[tuple[int, ...]] = [()]  # () = the whole file
+    if kind == "parquet" and len(groups) > 1:
+        pieces, current, n = [], [], 0
+        for i, g in enumerate(groups):
+            current.append(i)
+            n += g
+            if n >= PARQUET_ROWS_PER_UNIT:
+                pieces.append(tuple(current))
+                current, n = [], 0
+        if current:
+            pieces.append(tuple(current))
+    return [ReadUnit(kind, split, regime, path=path, rows=sum(groups[i] for i in p) if p else rows,
+                     fs_spec=spec, row_groups=p) for p in pieces]
 
 
 def _check_columns(path: str, schema: pa.Schema) -> None:
@@ -197,9 +213,9 @@ def _check_columns(path: str, schema: pa.Schema) -> None:
             raise SourceError(f"{path}: column `{c}` has type {schema.field(c).type}; expected strings")
 
 
-def inspect_file(fs: pafs.FileSystem, path: str, kind: str) -> tuple[list[str], int]:
+def inspect_file(fs: pafs.FileSystem, path: str, kind: str) -> tuple[list[str], int, list[int]]:
     """Driver-side check of a file's readability and columns (metadata only where the format allows).
-    Returns (column names, row count or 0 when not cheaply known)."""
+    Returns (column names, row count or 0 when not cheaply known, rows per Parquet row group)."""
     import pyarrow.parquet as pq
 
     try:
@@ -208,18 +224,18 @@ def inspect_file(fs: pafs.FileSystem, path: str, kind: str) -> tuple[list[str], 
                 meta = pq.ParquetFile(f).metadata
                 schema = meta.schema.to_arrow_schema()
             _check_columns(path, schema)
-            return schema.names, meta.num_rows
+            return schema.names, meta.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         if kind == "arrow":
             with fs.open_input_file(path) as f:
                 schema, rows = _arrow_schema_rows(f)
             _check_columns(path, schema)
-            return schema.names, rows
+            return schema.names, rows, []
         if kind == "jsonl":
             with fs.open_input_stream(path) as f:
                 head = f.read(1 << 20).split(b"\n")
             first = next((line for line in head if line.strip()), None)
             if first is None:
-                return ["question", "answer"], 0  # empty file: 0 rows, nothing to check
+                return ["question", "answer"], 0, []  # empty file: 0 rows, nothing to check
             try:
                 obj = json.loads(first)
             except ValueError as e:
@@ -233,8 +249,8 @@ def inspect_file(fs: pafs.FileSystem, path: str, kind: str) -> tuple[list[str], 
             for c in ("question", "answer", "regime", "split"):
                 if c in obj and obj[c] is not None and not isinstance(obj[c], str):
                     raise SourceError(f"{path}: field `{c}` holds {type(obj[c]).__name__} values; expected strings")
-            return sorted(obj), 0
-        return ["question", "answer"], 0  # v1txt: lines, checked while reading
+            return sorted(obj), 0, []
+        return ["question", "answer"], 0, []  # v1txt: lines, checked while reading
     except SourceError:
         raise
     except (pa.ArrowInvalid, OSError) as e:
@@ -364,7 +380,7 @@ def _read_parquet(fs, unit: ReadUnit, batch_rows: int) -> Iterator[pa.Table]:
     with fs.open_input_file(unit.path) as f:
         pf = pq.ParquetFile(f)
         cols = [c for c in ("question", "answer", "regime", "split") if c in pf.schema_arrow.names]
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols, row_groups=unit.row_groups or None):
             yield _pick(batch, unit.path)
 
 
