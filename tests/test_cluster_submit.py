@@ -1,0 +1,254 @@
+"""`ray job submit` against a real Ray head started on this machine, the way a user submits to a cluster.
+
+The head is `ray start --head --block` on 127.0.0.1 with its own free ports and its own --temp-dir, in its
+own session. It is stopped by exactly the processes it started (its session and process tree), never by
+`ray stop`, which would end every other Ray on the machine. The fixture's finalizer does it, so a failing
+test cleans up too.
+
+Token authentication is on (RAY_AUTH_MODE=token, a fresh random RAY_AUTH_TOKEN), as on the clusters in
+cluster/: the job API refuses a request without it. It also keeps the test independent of whatever
+~/.ray/auth_token other Rays on this machine created (Ray 2.60 switches auth on when that file exists).
+
+The head is started from the project's venv with the venv's bin first on PATH: Ray runs a job's entrypoint
+through a shell in the environment of the raylet, so `python -m cluster.run` resolves to the venv's python,
+as it resolves to the image's python on a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RAY_CLI = str(VENV_BIN / "ray")
+HEAD_START_TIMEOUT_S = 90
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free right now on loopback (held open together so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _proc_table() -> dict[int, tuple[int, int, int, str]]:
+    """pid -> (ppid, session id, start time, state) from /proc; start time tells a reused pid apart."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), int(fields[3]), int(fields[19]), fields[0])
+    return table
+
+
+def processes_of(root_pid: int, session: int) -> dict[int, int]:
+    """The live processes `ray start` started: its session (gcs, raylet, dashboard, workers) plus anything
+    that left the session but descends from it (a job's driver runs in a session of its own)."""
+    table = _proc_table()
+    mine = {root_pid} & table.keys()
+    grew = True
+    while grew:
+        grew = False
+        for pid, (ppid, sid, _, _) in table.items():
+            if pid not in mine and (sid == session or ppid in mine):
+                mine.add(pid)
+                grew = True
+    return {pid: table[pid][2] for pid in mine if table[pid][3] != "Z"}
+
+
+def stop_processes(procs: dict[int, int], grace_s: float = 10.0) -> list[int]:
+    """SIGTERM, then SIGKILL whatever of exactly these processes (pid + start time) is still alive."""
+
+    def alive() -> list[int]:
+        table = _proc_table()
+        return [p for p, start in procs.items() if p in table and table[p][2] == start and table[p][3] != "Z"]
+
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in alive():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return alive()
+
+
+@dataclass
+class LocalHead:
+    process: subprocess.Popen
+    temp_dir: Path
+    dashboard_port: int
+    token: str
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def auth_env(self) -> dict[str, str]:
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    def get(self, path: str, token: str | None = None) -> dict:
+        """GET the dashboard's HTTP API, with this head's token unless another one is given."""
+        token = self.token if token is None else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        req = urllib.request.Request(f"{self.address}{path}", headers=headers)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {**os.environ, **self.auth_env, "RAY_ADDRESS": self.address}
+        return subprocess.run(
+            [RAY_CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def stop(self) -> list[int]:
+        procs = processes_of(self.process.pid, session=self.process.pid)
+        left = stop_processes(procs)
+        try:
+            self.process.wait(timeout=5)  # reap it: a zombie head would look alive to the next check
+        except subprocess.TimeoutExpired:
+            pass
+        return left
+
+
+def start_local_head(num_cpus: int = 4) -> LocalHead:
+    (gcs, dashboard, client, agent_http, agent_grpc, metrics, node_manager, object_manager,
+     runtime_env_agent) = free_ports(9)
+    # Short path: Ray's unix sockets live under it and a socket path is capped at 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="mt-ray-", dir="/tmp"))
+    token = secrets.token_hex(32)
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(var, None)
+    cmd = [
+        RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+        f"--runtime-env-agent-port={runtime_env_agent}", f"--temp-dir={temp_dir}",
+        f"--num-cpus={num_cpus}", "--object-store-memory=600000000", "--disable-usage-stats",
+    ]
+    log = open(temp_dir / "ray-start.log", "w")  # noqa: SIM115 - lives as long as the head
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    head = LocalHead(proc, temp_dir, dashboard, token)
+    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+    while True:
+        try:
+            head.get("/api/version")
+            return head
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                head.stop()
+                output = (temp_dir / "ray-start.log").read_text()
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                raise RuntimeError(f"ray start --head did not come up:\n{output[-3000:]}") from None
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def local_head():
+    head = start_local_head()
+    try:
+        yield head
+    finally:
+        left = head.stop()
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
+        assert not left, f"processes of the test's Ray head survived SIGKILL: {left}"
+
+
+def submit(head: LocalHead, submission_id: str, entrypoint: list[str], timeout: float = 300):
+    """`ray job submit` exactly as `make submit` runs it; waits for the job and returns the CLI's result."""
+    return head.cli(
+        "job", "submit", "--submission-id", submission_id, "--working-dir", ".",
+        "--runtime-env", "cluster/runtime_env.yaml", "--", *entrypoint, timeout=timeout,
+    )
+
+
+def job_status(head: LocalHead, submission_id: str) -> str:
+    return head.get(f"/api/jobs/{submission_id}")["status"]
+
+
+@pytest.mark.slow
+def test_job_api_refuses_requests_without_the_token(local_head):
+    for token, code in (("", 401), ("not-the-token", 403)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            local_head.get("/api/jobs/", token=token)
+        assert err.value.code == code
+    assert isinstance(local_head.get("/api/jobs/"), list)
+
+
+@pytest.mark.slow
+def test_submitted_job_runs_the_uploaded_code_with_the_project_python(local_head):
+    probe = (
+        "import os, sys, cluster.config; "
+        "print('PYTHON', sys.executable); print('CWD', os.getcwd()); "
+        "print('CODE', os.path.dirname(cluster.config.__file__))"
+    )
+    result = submit(local_head, "probe", ["python", "-c", probe], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert job_status(local_head, "probe") == "SUCCEEDED"
+
+    logs = local_head.cli("job", "logs", "probe", timeout=60)
+    assert logs.returncode == 0, logs.stderr
+    lines = dict(line.split(" ", 1) for line in logs.stdout.splitlines() if line.startswith(("PYTHON", "CWD", "CODE")))
+    assert Path(lines["PYTHON"]).resolve() == Path(sys.executable).resolve(), "the job must use the venv's python"
+    # The code came from the uploaded working_dir (under the head's temp dir), not from this checkout.
+    assert lines["CWD"].startswith(str(local_head.temp_dir)), lines
+    assert lines["CODE"].startswith(lines["CWD"]), lines
+
+
+@pytest.mark.slow
+def test_failed_job_is_reported_as_failed(local_head):
+    result = submit(local_head, "fails", ["python", "-c", "raise SystemExit(3)"], timeout=120)
+    assert result.returncode != 0
+    assert job_status(local_head, "fails") == "FAILED"
+
+
+def test_stop_processes_stops_exactly_the_given_processes():
+    """The cleanup the fixture relies on: it ends a whole process group it started and nothing else."""
+    keep = subprocess.Popen(["sleep", "60"])
+    group = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(processes_of(group.pid, session=group.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        procs = processes_of(group.pid, session=group.pid)
+        assert len(procs) == 3, procs  # the shell and its two sleeps
+        assert keep.pid not in procs
+        assert stop_processes(procs, grace_s=5) == []
+        group.wait(timeout=5)
+        assert keep.poll() is None, "a process outside the session was killed"
+    finally:
+        keep.kill()
+        keep.wait()
