@@ -16,6 +16,7 @@ as it resolves to the image's python on a real cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -90,10 +91,8 @@ def stop_processes(procs: dict[int, int], grace_s: float = 10.0) -> list[int]:
 
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         for pid in alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + wait_s
         while alive() and time.monotonic() < deadline:
             time.sleep(0.2)
