@@ -131,10 +131,8 @@ class LocalHead:
     def stop(self) -> list[int]:
         procs = processes_of(self.process.pid, session=self.process.pid)
         left = stop_processes(procs)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)  # reap it: a zombie head would look alive to the next check
-        except subprocess.TimeoutExpired:
-            pass
         return left
 
 
