@@ -255,6 +255,20 @@ def test_launcher_keeps_dashboard_on_loopback(name):
     assert publicly_open_ports(rules) == [], f"{name}: security group opens {publicly_open_ports(rules)}"
 
 
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_enables_token_auth_on_every_node(name):
+    config = load(name)
+    assert "-e RAY_AUTH_MODE=token" in config["docker"]["run_options"], "every Ray process must require the token"
+    assert config["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token", (
+        "every node needs the same token as the submitting machine"
+    )
+
+
+def test_kuberay_enables_token_auth():
+    (job,) = load_all(KUBERAY)
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+
+
 def test_kuberay_exposes_nothing_outside_the_cluster():
     docs = load_all(KUBERAY)
     for doc in docs:
