@@ -1,0 +1,41 @@
+"""python -m eval --model MODEL --data DIR --output DIR [--split test] | --predictions FILE --output DIR"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from cluster.config import run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cluster.config import parse_stage_args
+    from eval.config import EvalConfig
+    from eval.resolve import EvalError
+
+    cfg, ray_cfg, _ = parse_stage_args(
+        EvalConfig, "eval", argv,
+        description="Evaluate a seq2seq model on a pipeline split with Ray Data (exact match, F1, report), "
+        "or score an existing predictions file.",
+        prog="python -m eval",
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    import ray
+
+    from cluster.connect import ResourceError
+    from eval.job import run
+
+    ray_was_up = ray.is_initialized()  # only shut down a Ray this command started
+    try:
+        run(cfg, ray_cfg)
+    except (EvalError, ResourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if ray.is_initialized() and not ray_was_up:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
