@@ -47,6 +47,9 @@ def init_ray(cfg: RayConfig | None = None, **runtime_env_vars: str) -> None:
     store = int(cfg.object_store_memory_gb * 2**30) if cfg.object_store_memory_gb else None
     log.info("starting a local Ray with %d logical CPUs", num_cpus)
     ray.init(
+        # "local", not None: None attaches to whatever `ray start` cluster ran last on this machine
+        # (/tmp/ray/ray_current_cluster), and then fails because num_cpus is set.
+        address="local",
         num_cpus=num_cpus,
         num_gpus=cfg.num_gpus,
         object_store_memory=store,

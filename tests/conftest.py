@@ -17,7 +17,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=False)
+        # address="local": never attach to another process's `ray start` cluster (ray_current_cluster).
+        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=False)
     yield ray
     ray.shutdown()
 
