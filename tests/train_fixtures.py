@@ -1,0 +1,63 @@
+"""Tiny datasets in the pipeline's output contract, for training tests (no generator, no Ray needed).
+
+Rows look like algebra__linear_1d ("Solve 3*x + 4 = 10 for x." -> "2"), tokenized with the built-in
+char tokenizer; the directory layout, columns and manifest are the contract's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.tokenizer import load_tokenizer
+
+
+def linear_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        x, a, c = rng.randint(-9, 9), rng.randint(1, 9), rng.randint(-20, 20)
+        v = rng.choice("xyzabc")
+        rows.append((f"Solve {a}*{v} + {c} = {a * x + c} for {v}.", str(x)))
+    return rows
+
+
+def write_split(path: Path, rows: list[tuple[str, str]], tokenizer, files: int = 1) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    per = -(-len(rows) // files)
+    for f in range(files):
+        chunk = rows[f * per:(f + 1) * per]
+        if not chunk:
+            continue
+        q = [r[0] for r in chunk]
+        a = [r[1] for r in chunk]
+        ids = [tokenizer(s)["input_ids"] for s in q]
+        labels = [tokenizer(s)["input_ids"] for s in a]
+        table = pa.table({
+            "question": q,
+            "answer": a,
+            "regime": ["train-easy"] * len(chunk),
+            "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+            "attention_mask": pa.array([[1] * len(i) for i in ids], type=pa.list_(pa.int32())),
+            "labels": pa.array(labels, type=pa.list_(pa.int32())),
+        })
+        pq.write_table(table, path / f"part-{f:05d}.parquet")
+
+
+def make_dataset(root: Path, n_train: int = 256, n_val: int = 64, seed: int = 0, files: int = 2,
+                 train_rows: list[tuple[str, str]] | None = None,
+                 val_rows: list[tuple[str, str]] | None = None) -> Path:
+    """<root>/{train,validation,test}/*.parquet + tokenizer/ + manifest.json (complete)."""
+    tok = load_tokenizer("char")
+    train_rows = train_rows if train_rows is not None else linear_rows(n_train, seed)
+    val_rows = val_rows if val_rows is not None else linear_rows(n_val, seed + 1)
+    write_split(root / "train", train_rows, tok, files)
+    write_split(root / "validation", val_rows, tok)
+    write_split(root / "test", val_rows, tok)
+    tok.save_pretrained(root / "tokenizer")
+    (root / "manifest.json").write_text(json.dumps({"complete": True, "rows": {"train": len(train_rows)}}))
+    return root

@@ -1,0 +1,191 @@
+"""TrainConfig: everything `python -m train` does, one typed field each (the `train:` YAML section).
+
+Contradictions are rejected in `__post_init__`, before Ray starts. The batch is stated *globally*
+(`global_batch_size`); per-worker micro batch and gradient accumulation are derived from it, so a run
+means the same thing on 2 CPU workers and on 8 GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal
+
+from cluster.config import ConfigError
+
+PRECISIONS = ("bf16-mixed", "bf16", "fp32")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # --- data & outputs ---
+    data: str = ""
+    """Pipeline output directory (<data>/{train,validation}/*.parquet, <data>/tokenizer/). Required."""
+    output: str = "outputs/train"
+    """Where final/, summary.json and metrics.jsonl go. Must be writable by the rank-0 worker."""
+    tokenizer: str | None = None
+    """Tokenizer dir or hub id. Default: <data>/tokenizer (the one the data was tokenized with)."""
+
+    # --- model ---
+    model: str = "t5-tiny"
+    """A named tiny T5 built from scratch (t5-tiny, t5-mini, t5-small-scratch) or a hub id / local
+    directory of a T5 checkpoint (e.g. google/flan-t5-large). Weights load from safetensors only."""
+    dropout: float | None = None
+    """Override the model's dropout rate (default: 0.0 for from-scratch tiny models, checkpoint's own)."""
+    precision: Literal["bf16-mixed", "bf16", "fp32"] = "bf16-mixed"
+    """bf16-mixed: fp32 master weights + bf16 autocast. bf16: weights in bf16. fp32: debugging."""
+
+    # --- optimization ---
+    global_batch_size: int = 128
+    """Sequences per optimizer step, summed over all workers and accumulation steps."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass per worker. Default global_batch_size / num_workers (no accumulation)."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """The LR decays linearly from lr to lr * min_lr_ratio at max_steps."""
+    warmup_steps: int = 50
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    max_steps: int | None = 600
+    """Optimizer steps to train. Exactly one of max_steps / epochs."""
+    epochs: float | None = None
+    """Passes over the train split (converted to steps from the split's row count)."""
+    seed: int = 0
+    """Model init, data order (with the same worker count) and dropout."""
+
+    # --- validation, logging ---
+    eval_every: int = 100
+    """Validate every N steps (and at the end): loss + exact match by greedy generation."""
+    eval_samples: int = 256
+    """Validation rows scored per validation (the first N of the split), sharded across workers."""
+    eval_batch_size: int = 64
+    """Rows per validation forward/generation batch per worker."""
+    max_new_tokens: int = 32
+    """Greedy decoding length bound (answers in linear_1d are at most 30 characters)."""
+    log_every: int = 20
+    """One progress line (and one metrics.jsonl entry) every N steps."""
+
+    # --- checkpoints & fault tolerance ---
+    ckpt_every: int = 100
+    """Checkpoint every N steps (a multiple of eval_every, so each checkpoint has a fresh score)."""
+    keep_best_k: int = 2
+    """Checkpoints kept, ranked by validation exact match (ties: lower validation loss). Ray also always
+    keeps the latest, so resume never goes further back than the last checkpoint."""
+    max_failures: int = 1
+    """Worker-group restarts (from the last checkpoint) before the run fails."""
+    run_name: str = "train"
+    """Ray Train run name. Re-running with the same run_name + storage_path resumes."""
+    storage_path: str | None = None
+    """Ray Train storage (local dir, s3://, gs://). Default: <output>/ray (absolute)."""
+
+    # --- scale ---
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker (nccl) instead of CPU (gloo)."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs each worker reserves."""
+    torch_threads: int | None = None
+    """Intra-op threads per worker. Default: cpus_per_worker (rounded), so 2 workers on 2 cores don't
+    oversubscribe."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: replicated model. fsdp: torch FSDP2 fully_shard per block (weights, grads and optimizer state
+    sharded across workers) for models that don't fit one device."""
+    pad_to_multiple_of: int = 8
+    """Dynamic padding of each batch to a multiple of this (tensor-core friendly)."""
+
+    # --- memory planner (python -m train plan) ---
+    plan_source_len: int = 128
+    """Encoder length (tokens) the planner assumes per sequence."""
+    plan_target_len: int = 32
+    """Decoder length (tokens) the planner assumes per sequence."""
+
+    def __post_init__(self) -> None:
+        pos = {
+            "global_batch_size": self.global_batch_size, "num_workers": self.num_workers,
+            "eval_every": self.eval_every, "eval_batch_size": self.eval_batch_size,
+            "max_new_tokens": self.max_new_tokens, "log_every": self.log_every, "ckpt_every": self.ckpt_every,
+            "keep_best_k": self.keep_best_k, "pad_to_multiple_of": self.pad_to_multiple_of,
+            "plan_source_len": self.plan_source_len, "plan_target_len": self.plan_target_len,
+        }
+        for k, v in pos.items():
+            if v < 1:
+                raise ConfigError(f"train.{k} must be >= 1, got {v}")
+        if self.eval_samples < 0 or self.warmup_steps < 0 or self.max_failures < 0:
+            raise ConfigError("train.eval_samples, warmup_steps and max_failures must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"train.dropout must be in [0, 1), got {self.dropout}")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ConfigError(
+                "train: set exactly one of max_steps and epochs "
+                f"(got max_steps={self.max_steps}, epochs={self.epochs}; use --max-steps none to use epochs)"
+            )
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ConfigError(
+                f"train.warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})"
+            )
+        if self.ckpt_every % self.eval_every:
+            raise ConfigError(
+                f"train.ckpt_every ({self.ckpt_every}) must be a multiple of eval_every ({self.eval_every}): "
+                "checkpoints are ranked by the validation score computed at the same step"
+            )
+        if self.global_batch_size % self.num_workers:
+            raise ConfigError(
+                f"train.global_batch_size ({self.global_batch_size}) must be divisible by "
+                f"num_workers ({self.num_workers})"
+            )
+        per_worker = self.global_batch_size // self.num_workers
+        if self.micro_batch_size is not None and (
+            self.micro_batch_size < 1 or per_worker % self.micro_batch_size
+        ):
+            raise ConfigError(
+                f"train.micro_batch_size ({self.micro_batch_size}) must divide the per-worker batch "
+                f"global_batch_size / num_workers = {per_worker}"
+            )
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(f"train.torch_threads must be >= 1, got {self.torch_threads}")
+        if self.strategy == "fsdp" and self.num_workers < 2:
+            raise ConfigError("train.strategy fsdp shards across workers: it needs num_workers >= 2")
+        if not self.run_name or "/" in self.run_name:
+            raise ConfigError(f"train.run_name must be a non-empty name without '/', got {self.run_name!r}")
+
+    # Derived quantities: one place, so the loop, the planner and the bench agree.
+    @property
+    def per_worker_batch(self) -> int:
+        return self.global_batch_size // self.num_workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.per_worker_batch
+
+    @property
+    def grad_accum(self) -> int:
+        return self.per_worker_batch // self.micro_batch
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, round(self.cpus_per_worker))
+
+    def resolved_storage_path(self) -> str:
+        if self.storage_path:
+            return self.storage_path if "://" in self.storage_path else os.path.abspath(self.storage_path)
+        return os.path.abspath(os.path.join(self.output, "ray"))
+
+    def resolved_tokenizer(self) -> str:
+        return self.tokenizer or os.path.join(self.data, "tokenizer")

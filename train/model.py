@@ -1,0 +1,120 @@
+"""The model: a named tiny T5 built from scratch (offline default) or a T5 checkpoint by hub id / path.
+
+Tiny configs share flan-t5's architecture (T5ForConditionalGeneration, gated-GELU feed-forward, relative
+position buckets, pad=decoder start=0, eos=1) so every code path the demo exercises is the one
+flan-t5-large takes. Note: transformers 5 always ties T5's LM head to the shared embedding (T5Config
+forces tie_word_embeddings=True and reads a passed False only as "T5 v1.1/flan: don't scale decoder
+outputs"), so an untied head cannot be built with this transformers.
+Checkpoints load from safetensors only and never with remote code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+# d_model / layers / heads chosen for learning per CPU-minute (shared/NOTES.md: d_model 128, 2+2 layers
+# at batch 128 runs ~520 samples/s on 2 cores).
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "t5-tiny": dict(d_model=128, d_ff=512, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=2),
+    "t5-mini": dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=3, num_decoder_layers=3),
+    "t5-small-scratch": dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
+}
+
+# Fields that make two checkpoints incompatible (a resume from another model must fail clearly).
+ARCH_FIELDS = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers", "vocab_size",
+               "feed_forward_proj", "tie_word_embeddings")
+
+
+class ModelError(ValueError):
+    """A model spec or directory that cannot be used; the message says what is missing and what to do."""
+
+
+def tiny_config(name: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, dropout: float | None = None):
+    from transformers import T5Config
+
+    if name not in TINY_CONFIGS:
+        raise ModelError(f"unknown tiny model {name!r}; known: {', '.join(TINY_CONFIGS)}")
+    return T5Config(
+        vocab_size=vocab_size,
+        feed_forward_proj="gated-gelu",
+        # Tied head (transformers 5 ties T5 always, see above) -> keep T5's d_model**-0.5 output scaling:
+        # unscaled logits through the N(0, 1)-initialised embedding start at loss ~67 and train badly.
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        dropout_rate=0.0 if dropout is None else dropout,  # from scratch on CPU: underfit, not overfit
+        layer_norm_epsilon=1e-6,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        decoder_start_token_id=pad_id,
+        **TINY_CONFIGS[name],
+    )
+
+
+def check_model_dir(path: str | Path) -> None:
+    """A local model directory must hold config.json and safetensors weights (no pickles)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"model directory {p} does not exist")
+    missing = []
+    if not (p / "config.json").is_file():
+        missing.append("config.json")
+    if not any(p.glob("*.safetensors")) and not (p / "model.safetensors.index.json").is_file():
+        missing.append("model.safetensors (or a sharded *.safetensors set)")
+    if missing:
+        bins = [f.name for f in p.glob("*.bin")]
+        hint = f" It has {bins}: only safetensors weights are loaded (pickle can run code)." if bins else ""
+        raise ModelError(f"model directory {p} is missing {', '.join(missing)}.{hint}")
+
+
+def is_local(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or os.path.isdir(spec)
+
+
+def build_model(spec: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, dropout: float | None = None):
+    """A T5ForConditionalGeneration for `spec`, with an embedding that covers `vocab_size` tokens."""
+    from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
+
+    if spec in TINY_CONFIGS:
+        return T5ForConditionalGeneration(tiny_config(spec, vocab_size, pad_id, eos_id, dropout))
+    if is_local(spec):
+        check_model_dir(os.path.expanduser(spec))
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
+    if dropout is not None:
+        kwargs["dropout_rate"] = dropout
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(os.path.expanduser(spec), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"could not load model {spec!r}: {e}. Offline, use a named tiny model "
+            f"({', '.join(TINY_CONFIGS)}) or a local directory with config.json + model.safetensors."
+        ) from e
+    emb = model.get_input_embeddings().num_embeddings
+    if vocab_size > emb:
+        raise ModelError(
+            f"tokenizer has {vocab_size} tokens but model {spec!r} embeds only {emb}: "
+            "use the tokenizer the model was trained with"
+        )
+    return model
+
+
+def arch_of(config) -> dict[str, Any]:
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: d.get(k) for k in ARCH_FIELDS}
+
+
+def check_same_arch(expected, found, where: str) -> None:
+    """Refuse to load a checkpoint written for a different architecture, naming the differing fields."""
+    a, b = arch_of(expected), arch_of(found)
+    diff = {k: (b[k], a[k]) for k in ARCH_FIELDS if a[k] != b[k]}
+    if diff:
+        shown = ", ".join(f"{k}={x!r} (this run: {y!r})" for k, (x, y) in diff.items())
+        raise ModelError(
+            f"checkpoint {where} was written by another model: {shown}. Resume with the same model, "
+            "or start a new run (a different run_name or storage_path)."
+        )
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

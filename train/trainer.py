@@ -1,0 +1,226 @@
+"""The driver side: check inputs, size the request, run the TorchTrainer, export the best model.
+
+`run(cfg, ray_cfg)` is the Python API `cluster.run` calls (Ray may already be up; it is never shut down
+here). Everything that can be refused is refused before `fit()`: a missing or incomplete pipeline
+output, an unwritable output or storage path, checkpoints in storage from another model, and a worker
+request the cluster can never schedule (instead of a run that waits forever).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cluster.config import ConfigError, RayConfig
+from cluster.connect import init_ray, require_resources
+from train.config import TrainConfig
+
+log = logging.getLogger("mathtune.train")
+
+TRAIN_COLUMNS = ["input_ids", "labels"]
+VAL_COLUMNS = ["input_ids", "labels", "answer"]
+
+
+class DataError(ValueError):
+    """The pipeline output is missing, incomplete or not in the contract's format."""
+
+
+def check_data(data: str) -> None:
+    d = Path(data)
+    if not data:
+        raise ConfigError("train.data is required: the pipeline output directory (--data DIR)")
+    if not d.is_dir():
+        raise DataError(f"data directory {d} does not exist (run the pipeline first: python -m pipeline)")
+    manifest = d / "manifest.json"
+    if manifest.is_file():
+        try:
+            complete = json.loads(manifest.read_text()).get("complete") is True
+        except json.JSONDecodeError:
+            complete = False
+        if not complete:
+            raise DataError(f"{manifest} does not say complete: the pipeline run that wrote {d} did not finish")
+    for split in ("train", "validation"):
+        if not any((d / split).glob("*.parquet")):
+            raise DataError(f"{d / split} holds no .parquet files (expected the pipeline's {split} split)")
+
+
+def check_columns(ds, columns: list[str], where: str) -> None:
+    import pyarrow as pa
+
+    schema = ds.schema()
+    names = set(schema.names)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(f"{where} lacks column(s) {missing}; it has {sorted(names)} (see the pipeline contract)")
+    types = dict(zip(schema.names, schema.types, strict=True))
+    for c in ("input_ids", "labels"):
+        t = types.get(c)
+        if isinstance(t, pa.DataType) and not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+            raise DataError(f"{where}: column {c} must be a list of token ids, got {t}")
+
+
+def check_writable(path: str, what: str) -> None:
+    """Create `path` if needed and prove a file can be written there (remote URIs are checked by Ray)."""
+    if "://" in path:
+        return
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-probe-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what} {p} is not writable: {e.strerror or e}") from e
+
+
+def check_existing_checkpoints(cfg: TrainConfig, vocab_size: int, pad_id: int, eos_id: int) -> None:
+    """A run name whose storage holds checkpoints of another architecture would resume into a mismatch:
+    refuse before starting workers, naming the differing fields."""
+    from train.checkpoint import read_config
+    from train.model import TINY_CONFIGS, check_same_arch, tiny_config
+
+    storage = cfg.resolved_storage_path()
+    if "://" in storage:
+        return
+    run_dir = Path(storage) / cfg.run_name
+    found = sorted(run_dir.glob("step_*/config.json"))
+    if not found:
+        return
+    if cfg.model in TINY_CONFIGS:
+        expected = tiny_config(cfg.model, vocab_size, pad_id, eos_id)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            expected = AutoConfig.from_pretrained(os.path.expanduser(cfg.model), trust_remote_code=False)
+        except OSError:
+            return  # the worker's own load check reports it
+    check_same_arch(expected, read_config(found[-1].parent), where=str(found[-1].parent))
+
+
+def resolve_max_steps(cfg: TrainConfig, train_rows: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    assert cfg.epochs is not None
+    steps = math.ceil(cfg.epochs * train_rows / cfg.global_batch_size)
+    if steps <= cfg.warmup_steps:
+        raise ConfigError(f"train.epochs={cfg.epochs} gives {steps} steps, not more than warmup_steps={cfg.warmup_steps}")
+    return steps
+
+
+def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from transformers import AutoTokenizer
+
+    from train.checkpoint import export_model_dir
+    from train.loop import train_loop_per_worker
+
+    t_start = time.time()
+    ray_cfg = ray_cfg or RayConfig()
+    check_data(cfg.data)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.resolved_tokenizer())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load the tokenizer from {cfg.resolved_tokenizer()}: {e}") from e
+    # Absolute paths: workers run in other working directories.
+    cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data), output=os.path.abspath(cfg.output),
+                              tokenizer=os.path.abspath(cfg.resolved_tokenizer())
+                              if os.path.isdir(cfg.resolved_tokenizer()) else cfg.resolved_tokenizer())
+    out = Path(cfg.output)
+    check_writable(cfg.output, "train.output")
+    storage = cfg.resolved_storage_path()
+    check_writable(storage, "train.storage_path")
+    check_existing_checkpoints(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+    init_ray(ray_cfg)
+    train_ds = ray.data.read_parquet(os.path.join(cfg.data, "train"), columns=TRAIN_COLUMNS)
+    check_columns(train_ds, TRAIN_COLUMNS, f"{cfg.data}/train")
+    datasets = {"train": train_ds}
+    if cfg.eval_samples:
+        val_ds = ray.data.read_parquet(os.path.join(cfg.data, "validation"), columns=VAL_COLUMNS)
+        check_columns(val_ds, VAL_COLUMNS, f"{cfg.data}/validation")
+        # A fixed, bounded subset, materialized once: every validation scores the same rows.
+        datasets["validation"] = val_ds.limit(cfg.eval_samples).materialize()
+    train_rows = train_ds.count()
+    if train_rows < cfg.global_batch_size:
+        raise DataError(f"the train split has {train_rows} rows, fewer than one global batch ({cfg.global_batch_size})")
+    max_steps = resolve_max_steps(cfg, train_rows)
+
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    require_resources(
+        f"training ({cfg.num_workers} workers x {per_worker})",
+        cpus=cfg.num_workers * cfg.cpus_per_worker, gpus=cfg.num_workers if cfg.use_gpu else 0,
+        per_bundle=per_worker, bundles=cfg.num_workers, timeout_s=ray_cfg.resource_timeout_s,
+    )
+    # Deterministic data order: with preserve_order the splitter hands blocks out in order to the
+    # least-fed worker, so the same seed + worker count replays the same batches (and resume can skip).
+    exec_opts = DataConfig.default_ingest_options()
+    exec_opts.preserve_order = True
+    log.info("[train] %s: %d steps x %d sequences (%d workers x %d micro x %d accum), %d train rows; "
+             "storage %s/%s", cfg.model, max_steps, cfg.global_batch_size, cfg.num_workers, cfg.micro_batch,
+             cfg.grad_accum, train_rows, storage, cfg.run_name)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "max_steps": max_steps},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_best_k, checkpoint_score_attribute="score",
+                                               checkpoint_score_order="max"),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(execution_options=exec_opts),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+
+    ranked = sorted(result.best_checkpoints or [], key=lambda cm: (cm[1].get("score", -1e9), cm[1]["step"]))
+    if not ranked:
+        raise RuntimeError(f"training finished without a checkpoint in {storage}/{cfg.run_name}")
+    best_ckpt, best_metrics = ranked[-1]
+    final_metrics = max((m for _, m in ranked), key=lambda m: m["step"])
+    with best_ckpt.as_directory() as d:
+        export_model_dir(d, out / "final")
+    wall = time.time() - t_start
+    summary = {
+        "model": cfg.model,
+        "steps": final_metrics["step"],
+        "max_steps": max_steps,
+        "samples": final_metrics["samples"],
+        "tokens": final_metrics["tokens"],
+        "wall_time_s": round(wall, 2),
+        "train_time_s": round(final_metrics["train_time_s"], 2),
+        "samples_per_s": final_metrics["samples"] / max(final_metrics["train_time_s"], 1e-9),
+        "tokens_per_s": final_metrics["tokens"] / max(final_metrics["train_time_s"], 1e-9),
+        "final": {k: final_metrics.get(k) for k in ("step", "val_loss", "val_exact_match", "val_samples")},
+        "best": {k: best_metrics.get(k) for k in ("step", "val_loss", "val_exact_match", "val_samples")},
+        "best_checkpoint": best_ckpt.path,
+        "final_dir": str(out / "final"),
+        "num_workers": cfg.num_workers,
+        "global_batch_size": cfg.global_batch_size,
+        "precision": cfg.precision,
+        "strategy": cfg.strategy,
+        "run_name": cfg.run_name,
+        "storage_path": storage,
+    }
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "summary.json")
+    log.info("[train] done: %d steps, %d samples in %.0fs (%.0f samples/s training); best val exact match %.4f "
+             "at step %s -> %s", summary["steps"], summary["samples"], wall, summary["samples_per_s"],
+             summary["best"]["val_exact_match"] or 0.0, summary["best"]["step"], summary["final_dir"])
+    return summary
