@@ -4,16 +4,25 @@ Each shard seeds Python's `random` and numpy's global state (the generator draws
 derived from (seed, module, regime, shard index), so a shard's rows depend on nothing else: same config,
 same rows, in any process, in any order. 0.7-0.8 ms per row on one core (shared/NOTES.md), which is why
 shards run as parallel Ray tasks.
+
+The generator's output also depends on Python's string-hash seed (it iterates over sets somewhere inside
+sympy/the modules: measured, same seed with PYTHONHASHSEED=1 vs 2 gives different rows). So the worker
+processes that generate run with PYTHONHASHSEED fixed (WORKER_ENV, set through Ray's runtime_env).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import random
 import sys
 
 import numpy as np
 
+WORKER_ENV = {"PYTHONHASHSEED": "0"}
+
+log = logging.getLogger("mathtune.pipeline")
 _generate = None  # the imported, initialized `mathematics_dataset.generate` module of this process
 
 
@@ -55,6 +64,9 @@ def generate_rows(module: str, regime: str, rows: int, seed: int) -> tuple[list[
     """`rows` (question, answer) pairs of `module` at `regime`; also how many samples the generator
     itself dropped for exceeding its length caps (not rows of ours: never returned)."""
     generate = _load_generator()
+    if os.environ.get("PYTHONHASHSEED") != WORKER_ENV["PYTHONHASHSEED"]:
+        log.warning("PYTHONHASHSEED is not %s in this process: generated rows will not be reproducible",
+                    WORKER_ENV["PYTHONHASHSEED"])
     modules = generate.filtered_modules.get(regime)
     if modules is None:
         raise ValueError(f"unknown regime {regime!r}; the generator has {sorted(generate.filtered_modules)}")

@@ -69,12 +69,11 @@ def split_of_name(name: str) -> tuple[str, str] | None:
     for regime in (*TEST_REGIMES, "extrapolate"):
         if n.startswith(regime):
             return "test", regime
-    if re.match(r"^train([-_.]|$)", n):
-        return "train", "train"
-    if re.match(r"^test([-_.]|$)", n):
-        return "test", "test"
-    if re.match(r"^(validation|valid|dev)([-_.]|$)", n):
-        return "validation", "validation"
+    # The hub's names: train, train-00000-of-00002, test-00000... Not train_foo / test_bar: a folder such
+    # as test_outputs/ is not a split.
+    for split, names in (("train", "train"), ("test", "test"), ("validation", "validation|valid|dev")):
+        if re.match(rf"^(?:{names})(?:-\d.*)?$", n):
+            return split, split
     return None
 
 

@@ -1,0 +1,159 @@
+"""The pipeline end to end on a local Ray: manifest vs Parquet row for row, determinism, a worker killed
+mid-tokenization, bad rows accounted for, clear errors from inside Ray tasks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.config import ConfigError
+from pipeline import OutputError, RejectError, SourceError, run
+from pipeline.config import PipelineConfig
+from pipeline.write import content_hash
+
+GEN = dict(source="generate", train_rows_per_regime=100, test_rows=60, rows_per_shard=50, validation_size=0.1,
+           seed=7)
+
+
+@pytest.fixture(scope="module")
+def generated(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "data"
+    manifest = run(PipelineConfig(output=str(out), **GEN))
+    return out, manifest
+
+
+def test_generate_end_to_end_manifest_matches_parquet(generated):
+    out, manifest = generated
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest and on_disk["complete"] is True
+    assert manifest["rows_in"] == 360 == manifest["rows_kept"] + manifest["rows_rejected"]
+    assert manifest["rows_in_by_split"] == {"train": 300, "test": 60}
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    total = 0
+    for split in ("train", "validation", "test"):
+        t = pq.read_table(out / split)
+        total += t.num_rows
+        assert t.num_rows == manifest["rows_kept_by_split"][split]
+        assert t.schema.field("input_ids").type == pa.list_(pa.int32())
+        rows = t.to_pylist()
+        # the manifest's histograms are exact: recompute them from the files
+        for col, key in (("input_ids", "input_tokens"), ("labels", "label_tokens")):
+            lengths = np.bincount([len(r[col]) for r in rows]) if rows else np.zeros(0, int)
+            hist = {str(i): int(c) for i, c in enumerate(lengths) if c}
+            assert manifest["token_lengths"][split][key]["histogram"] == hist
+            assert manifest["token_lengths"][split][key]["max"] == (max(len(r[col]) for r in rows) if rows else 0)
+        for r in rows:
+            assert r["input_ids"][-1] == r["labels"][-1] == tok.eos_token_id == 1
+            assert r["attention_mask"] == [1] * len(r["input_ids"])
+            assert tok.decode(r["input_ids"], skip_special_tokens=True) == r["question"]
+            assert tok.decode(r["labels"], skip_special_tokens=True) == r["answer"]
+            assert r["regime"] in (("interpolate",) if split == "test" else ("train-easy", "train-medium", "train-hard"))
+    assert total == manifest["rows_kept"]
+    assert 0 < manifest["rows_kept_by_split"]["validation"] < 0.25 * 300
+    assert pq.read_table(out / "rejects").num_rows == manifest["rows_rejected"]
+    files = [f for fs in manifest["files"].values() for f in fs]
+    assert content_hash(out, files) == manifest["content_sha256"]
+    # validation is carved from train: no question in both
+    train_q = set(pq.read_table(out / "train")["question"].to_pylist())
+    assert not train_q & set(pq.read_table(out / "validation")["question"].to_pylist())
+
+
+def test_same_seed_same_bytes_with_another_worker_count(generated, tmp_path):
+    _, first = generated
+    again = run(PipelineConfig(output=str(tmp_path / "data"), tokenize_workers=1, **GEN))
+    assert again["content_sha256"] == first["content_sha256"]
+
+
+def test_worker_killed_mid_tokenization_gives_identical_output(generated, tmp_path):
+    _, first = generated
+    marker = tmp_path / "killed-once"
+    faulty = run(PipelineConfig(output=str(tmp_path / "data"), **GEN), _kill_worker_once=str(marker))
+    assert marker.exists()  # a tokenizer worker really was SIGKILLed; Ray restarted it and retried the batch
+    assert faulty["rows_in"] == first["rows_in"] and faulty["rows_kept_by_split"] == first["rows_kept_by_split"]
+    assert faulty["content_sha256"] == first["content_sha256"]
+
+
+def _bad_source(root: Path) -> Path:
+    src = root / "src"
+    src.mkdir()
+    w = lambda s: f"b'{s}\\n'"  # noqa: E731  the hub's wrapper
+    questions = [w("Solve 2*x = 4 for x."), w("Solve -y = 3 for y."), w("Solve π*z = 0 for z."), "x" * (1 << 20),
+                 w("Solve " + "1 + " * 70 + "w = 1 for w."), w("Solve q = 1 for q.")]
+    answers = [w("2"), w(""), w("0"), "1", w("1"), w("one")]
+    pq.write_table(pa.table({"question": questions, "answer": answers}), src / "train-00000.parquet")
+    (src / "test-00000.jsonl").write_text(json.dumps({"question": "Solve 3*k = 9 for k.", "answer": "3"}) + "\n")
+    return src
+
+
+def test_bad_rows_are_rejected_with_reason_and_original_text(ray_local, tmp_path):
+    m = run(PipelineConfig(source=str(_bad_source(tmp_path)), output=str(tmp_path / "out"), validation_size=0))
+    assert m["rows_in"] == 7 == m["rows_kept"] + m["rows_rejected"]
+    assert m["rows_kept_by_split"] == {"train": 1, "validation": 0, "test": 1}
+    assert m["rows_rejected_by_split"] == {"train": {"answer_form": 1, "empty_answer": 1, "input_too_long": 1,
+                                                      "text_too_long": 1, "unknown_chars": 1}}
+    rejects = {r["reason"]: r for r in pq.read_table(tmp_path / "out" / "rejects").to_pylist()}
+    assert rejects["unknown_chars"]["question"] == "b'Solve π*z = 0 for z.\\n'"  # the original text, as read
+    assert rejects["answer_form"]["answer"] == "b'one\\n'"
+    assert len(rejects["text_too_long"]["question"]) == 1 << 20
+    assert {r["split"] for r in rejects.values()} == {"train"}
+
+
+def test_strict_fails_on_first_reject_class(ray_local, tmp_path):
+    with pytest.raises(RejectError, match="--strict: .*rejected, first reason 'empty_answer'"):
+        run(PipelineConfig(source=str(_bad_source(tmp_path)), output=str(tmp_path / "out"), strict=True))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_errors_inside_ray_tasks_and_empty_sources_are_clear(ray_local, tmp_path):
+    (tmp_path / "a").mkdir()
+    pq.write_table(pa.table({"question": ["q"], "answer": ["1"], "split": ["holdout"]}), tmp_path / "a" / "d.parquet")
+    with pytest.raises(SourceError) as e:
+        run(PipelineConfig(source=str(tmp_path / "a"), output=str(tmp_path / "out")))
+    assert str(e.value).endswith("d.parquet: `split` column holds ['holdout']; expected one of "
+                                 "['train', 'validation', 'test']")  # the message itself, not a remote traceback
+    (tmp_path / "b").mkdir()
+    pq.write_table(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}),
+                   tmp_path / "b" / "train.parquet")
+    with pytest.raises(SourceError, match="has no rows"):
+        run(PipelineConfig(source=str(tmp_path / "b"), output=str(tmp_path / "out")))
+
+
+def test_unwritable_or_foreign_output_fails_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputError, match="not writable"):
+        run(PipelineConfig(output=str(tmp_path / "a-file" / "data")))
+    with pytest.raises(OutputError, match="is a file"):
+        run(PipelineConfig(output=str(tmp_path / "a-file")))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("precious")
+    with pytest.raises(OutputError, match="not a pipeline output; refusing"):
+        run(PipelineConfig(output=str(tmp_path / "home")))
+    assert (tmp_path / "home" / "thesis.tex").exists()
+
+
+def test_push_to_hub_refuses_without_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="HF_TOKEN"):
+        run(PipelineConfig(output=str(tmp_path / "out"), push_to_hub="me/math"))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--source", str(tmp_path / "missing"), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"error: source not found: {tmp_path / 'missing'}"
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--validation-size", "0.9"], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2 and "validation_size" in proc.stderr

@@ -1,0 +1,165 @@
+"""Each source format from tiny fixtures made here, and each bad input's message. No Ray: plan() and
+read_unit() are what the Ray tasks call."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import PipelineConfig
+from pipeline.sources import SourceError, plan, read_unit, split_of_name
+from pipeline.validate import prepare_text
+
+ROWS = [("Solve 2*x = 4 for x.", "2"), ("Solve -y = 3 for y.", "-3"), ("Solve 5*z + 5 = 0 for z.", "-1")]
+
+
+def read_all(source, **kw) -> pa.Table:
+    units, _ = plan(PipelineConfig(source=str(source), **kw))
+    tables = [prepare_text(t, max_chars=2000, answer_regex=r"-?\d+") for u in units for t in read_unit(u, 2)]
+    return pa.concat_tables(tables)
+
+
+def wrapped(s: str) -> str:
+    return f"b'{s}\\n'"
+
+
+def test_split_names():
+    assert split_of_name("train-easy") == ("train", "train-easy")
+    assert split_of_name("train-00000-of-00002") == ("train", "train")
+    assert split_of_name("test") == ("test", "test")
+    assert split_of_name("interpolate") == ("test", "interpolate")
+    assert split_of_name("extrapolate") == ("test", "extrapolate")
+    assert split_of_name("validation-0") == ("validation", "validation")
+    assert split_of_name("trainer") is None and split_of_name("0000") is None
+    assert split_of_name("test_outputs") is None  # a folder named test_* is not a split
+
+
+def test_hub_parquet_layout_wrapped(tmp_path):
+    # the hub's refs/convert/parquet layout: <module>/<split>/0000.parquet, every string wrapped
+    for split in ("train", "test"):
+        (tmp_path / "algebra__linear_1d" / split).mkdir(parents=True)
+        pq.write_table(pa.table({"question": [wrapped(q) for q, _ in ROWS], "answer": [wrapped(a) for _, a in ROWS]}),
+                       tmp_path / "algebra__linear_1d" / split / "0000.parquet", row_group_size=1)
+    t = read_all(tmp_path / "algebra__linear_1d")
+    assert t["question"].to_pylist() == [q for q, _ in ROWS] * 2
+    assert t["answer"].to_pylist() == [a for _, a in ROWS] * 2
+    assert sorted(set(t["split"].to_pylist())) == ["test", "train"] and t["reject"].null_count == 6
+    assert set(t["regime"].to_pylist()) == {"train", "test"}
+
+
+def test_parquet_file_is_read_in_row_group_pieces(tmp_path, monkeypatch):
+    import pipeline.sources as sources
+
+    monkeypatch.setattr(sources, "PARQUET_ROWS_PER_UNIT", 2)
+    pq.write_table(pa.table({"question": [q for q, _ in ROWS] * 3, "answer": [a for _, a in ROWS] * 3}),
+                   tmp_path / "train-00000.parquet", row_group_size=1)
+    units, _ = plan(PipelineConfig(source=str(tmp_path / "train-00000.parquet")))
+    assert [u.row_groups for u in units] == [(0, 1), (2, 3), (4, 5), (6, 7), (8,)]
+    t = pa.concat_tables([t for u in units for t in read_unit(u, 100)])
+    assert t["question"].to_pylist() == [q for q, _ in ROWS] * 3
+
+
+def test_jsonl_with_split_and_regime_columns(tmp_path):
+    lines = [{"question": q, "answer": a, "split": s, "regime": r}
+             for (q, a), s, r in zip(ROWS, ["train", "test", "train"], ["train-easy", "interpolate", None], strict=True)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    t = read_all(tmp_path / "data.jsonl")
+    assert t["split"].to_pylist() == ["train", "test", "train"]
+    assert t["regime"].to_pylist() == ["train-easy", "interpolate", "train"]  # missing regime -> split name
+
+
+def test_arrow_ipc_file_and_stream(tmp_path):
+    table = pa.table({"question": [q for q, _ in ROWS], "answer": [a for _, a in ROWS]})
+    with pa.ipc.new_file(tmp_path / "train.arrow", table.schema) as w:
+        w.write_table(table)
+    with pa.ipc.new_stream(tmp_path / "test.arrow", table.schema) as w:  # hub `datasets` cache files are streams
+        w.write_table(table)
+    t = read_all(tmp_path)
+    assert t["split"].to_pylist() == ["test"] * 3 + ["train"] * 3
+    assert t["answer"].to_pylist() == ["2", "-3", "-1"] * 2
+
+
+def test_v1_layout_blank_lines_odd_count_and_non_utf8(tmp_path):
+    for regime in ("train-easy", "interpolate"):
+        (tmp_path / regime).mkdir()
+    (tmp_path / "train-easy" / "algebra__linear_1d.txt").write_bytes(
+        b"Solve 2*x = 4 for x.\n2\n\nSolve -y = 3 for y.\n-3\nSolve caf\xe9 = 1 for c.\n1\nSolve q = 1 for q.\n")
+    (tmp_path / "interpolate" / "algebra__linear_1d.txt").write_bytes(b"Solve 5*z + 5 = 0 for z.\n-1\n")
+    (tmp_path / "train-easy" / "numbers__gcd.txt").write_bytes(b"other module\n1\n")  # ignored
+    t = read_all(tmp_path)
+    assert t.num_rows == 5
+    by_q = {r["question_raw"]: r for r in t.to_pylist()}
+    assert by_q["Solve 2*x = 4 for x."]["reject"] is None
+    assert by_q["Solve -y = 3 for y."]["regime"] == "train-easy"  # the blank line did not shift the pairing
+    assert by_q["Solve caf\\xe9 = 1 for c."]["reject"] == "not_utf8"
+    assert by_q["Solve q = 1 for q."]["reject"] == "unpaired_line"
+    assert by_q["Solve 5*z + 5 = 0 for z."]["split"] == "test"
+    _, info = plan(PipelineConfig(source=str(tmp_path)))
+    assert info["ignored_files"] == 1
+
+
+def test_v1_text_outside_a_regime_folder_is_an_error(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "algebra__linear_1d.txt").write_text("q\n1\n")
+    with pytest.raises(SourceError, match="regime folder"):
+        plan(PipelineConfig(source=str(tmp_path)))
+
+
+# ---- bad inputs: specific, actionable messages ------------------------------------------------------
+
+def test_corrupt_and_truncated_parquet(tmp_path):
+    good = tmp_path / "good" / "train.parquet"
+    good.parent.mkdir()
+    pq.write_table(pa.table({"question": ["q"] * 100, "answer": ["1"] * 100}), good)
+    data = good.read_bytes()
+    (tmp_path / "trunc").mkdir()
+    (tmp_path / "trunc" / "train.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match=r"train\.parquet: not a readable parquet file .*truncated or corrupt"):
+        plan(PipelineConfig(source=str(tmp_path / "trunc")))
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "train.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(SourceError, match="truncated or corrupt"):
+        plan(PipelineConfig(source=str(tmp_path / "garbage")))
+
+
+def test_missing_misnamed_and_mistyped_columns(tmp_path):
+    pq.write_table(pa.table({"problem": ["q"], "answer": ["1"]}), tmp_path / "train.parquet")
+    with pytest.raises(SourceError, match=r"missing column\(s\) \['question'\]; it has \['problem', 'answer'\]"):
+        plan(PipelineConfig(source=str(tmp_path / "train.parquet")))
+    pq.write_table(pa.table({"question": ["q"], "answer": [1]}), tmp_path / "test.parquet")
+    with pytest.raises(SourceError, match="column `answer` has type int64; expected strings"):
+        plan(PipelineConfig(source=str(tmp_path / "test.parquet")))
+    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "answer": 7}) + "\n")
+    with pytest.raises(SourceError, match="field `answer` holds int values"):
+        plan(PipelineConfig(source=str(tmp_path / "train.jsonl")))
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "train.jsonl").write_text(json.dumps({"q": "x", "a": "1"}) + "\n")
+    with pytest.raises(SourceError, match=r"missing field\(s\) \['question', 'answer'\]; it has \['a', 'q'\]"):
+        plan(PipelineConfig(source=str(tmp_path / "j")))
+
+
+def test_unknown_split_and_bad_split_values(tmp_path):
+    pq.write_table(pa.table({"question": ["q"], "answer": ["1"]}), tmp_path / "data.parquet")
+    with pytest.raises(SourceError, match="cannot tell its split"):
+        plan(PipelineConfig(source=str(tmp_path / "data.parquet")))
+    pq.write_table(pa.table({"question": ["q"], "answer": ["1"], "split": ["holdout"]}), tmp_path / "data.parquet")
+    units, _ = plan(PipelineConfig(source=str(tmp_path / "data.parquet")))
+    with pytest.raises(SourceError, match=r"`split` column holds \['holdout'\]"):
+        list(read_unit(units[0], 10))
+
+
+def test_empty_and_missing_sources(tmp_path):
+    with pytest.raises(SourceError, match="source not found"):
+        plan(PipelineConfig(source=str(tmp_path / "nope")))
+    (tmp_path / "README.md").write_text("no data here")
+    with pytest.raises(SourceError, match="no data files under"):
+        plan(PipelineConfig(source=str(tmp_path)))
+
+
+def test_hub_source_fails_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SourceError, match="not reachable.*--source generate.*v1.0 release layout"):
+        plan(PipelineConfig(source="hf:deepmind/math_dataset"))
