@@ -158,7 +158,6 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     import ray
 
     from cluster.connect import init_ray
-    from eval.aggregate import score_batch
     from eval.predict import Predictor
     from eval.resolve import (
         check_model_loads,
@@ -226,7 +225,7 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
             num_gpus=gpus,
             **remote_args,
         )
-        ds = ds.map_batches(score_batch, batch_format="numpy", batch_size=None).materialize()
+        ds = ds.materialize()
         wall = time.perf_counter() - t0
         scored = _collect(ds)
         rows = check_rows(expected, scored)

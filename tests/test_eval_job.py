@@ -13,11 +13,11 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from eval_fixtures import make_data, make_tiny_model, write_train_metrics
 
 from cluster.config import RayConfig
 from eval.config import EvalConfig
 from eval.predict import FAULT_KILL_AT_BATCH, FAULT_MARKER_DIR
-from eval_fixtures import make_data, make_tiny_model, write_train_metrics
 
 N_ROWS = 96
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -120,3 +120,16 @@ def test_score_bundles_everything():
     s = score("-5</s>", "-6")
     assert (s.em, s.error_class, (s.common, s.n_pred, s.n_ref)) == (False, "off_by_small", (1, 2, 2))
     assert s.f1 == pytest.approx(0.5)
+
+
+def test_length_sorted_chunks_cover_every_row_once():
+    from eval.predict import length_sorted_chunks, pad
+
+    lengths = [5, 1, 9, 1, 7, 3, 3]
+    chunks = length_sorted_chunks(lengths, 3)
+    flat = [int(i) for c in chunks for i in c]
+    assert sorted(flat) == list(range(len(lengths)))  # no row lost or doubled
+    assert [[lengths[i] for i in c] for c in chunks] == [[1, 1, 3], [3, 5, 7], [9]]
+    ids, mask = pad([[4, 1], [7, 8, 9, 1]], value=0)
+    assert ids.tolist() == [[4, 1, 0, 0], [7, 8, 9, 1]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
