@@ -26,13 +26,14 @@ def main(argv: list[str] | None = None) -> int:
         "command (same run_name and storage_path) resumes from the latest checkpoint.",
         "python -m train",
     )
+    from cluster.connect import ResourceError
     from train.checkpoint import CheckpointError
     from train.model import ModelError
     from train.trainer import DataError, run
 
     try:
         summary = run(cfg, ray_cfg)
-    except (DataError, ModelError, CheckpointError) as e:
+    except (DataError, ModelError, CheckpointError, ResourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("steps", "samples", "wall_time_s", "samples_per_s", "best")}))

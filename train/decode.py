@@ -39,6 +39,6 @@ def greedy_decode(
             break
         out = model(
             encoder_outputs=enc, attention_mask=attention_mask, decoder_input_ids=nxt[:, None],
-            past_key_values=out.past_key_values, use_cache=True,
+            cache=out.cache, use_cache=True,
         )
     return torch.stack(tokens, 1)

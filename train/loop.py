@@ -250,17 +250,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step += 1
         iv_train_time += time.perf_counter() - t0
 
-        if step % cfg.log_every == 0 or step == max_steps:
-            loss_sum, n_micro, toks, smp, t_max = all_sum(
-                [float(iv_loss), iv_micro, iv_tokens, iv_samples, iv_train_time], device)
-            samples_done += int(smp)
+        samples_done += cfg.global_batch_size  # exact: drop_last keeps every micro batch full
+        ckpt_now = step % cfg.ckpt_every == 0 or step == max_steps
+        if step % cfg.log_every == 0 or ckpt_now:
+            loss_sum, n_micro, toks, smp = all_sum([float(iv_loss), iv_micro, iv_tokens, iv_samples], device)
             tokens_done += int(toks)
             train_time += iv_train_time
             elapsed = time.perf_counter() - iv_t0
             rec = {"step": step, "loss": loss_sum / max(n_micro, 1), "lr": lr, "epoch": epoch,
                    "samples": samples_done, "samples_per_s": smp / elapsed, "tokens_per_s": toks / elapsed}
             if rank == 0:
-                eta = (max_steps - step) * elapsed / cfg.log_every
+                eta = (max_steps - step) * elapsed * cfg.global_batch_size / max(smp, 1)
                 log.info("[train] step %d/%d loss %.4f lr %.2e %.0f samples/s %.0f tokens/s eta %s",
                          step, max_steps, rec["loss"], lr, rec["samples_per_s"], rec["tokens_per_s"],
                          time.strftime("%H:%M:%S", time.gmtime(eta)))
@@ -283,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 append_jsonl(metrics_path, {"step": step, **val})
             iv_t0 += time.perf_counter() - t_eval  # validation time is not training throughput
 
-        if step % cfg.ckpt_every == 0 or step == max_steps:
+        if ckpt_now:
             t_ck = time.perf_counter()
             model_sd, optim_sd = full_state_dicts(model, optimizer)
             metrics = {"step": step, "epoch": epoch, "samples": samples_done, "tokens": tokens_done,

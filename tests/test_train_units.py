@@ -1,0 +1,236 @@
+"""Training pieces without Ray: collation, LR schedule, config validation, decoding, checkpoints, model
+loading errors, the memory planner."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.config import ConfigError, from_dict
+from train.checkpoint import CheckpointError, export_model_dir, load_train_state, verify_checkpoint, write_checkpoint
+from train.collate import IGNORE_INDEX, collate_seq2seq
+from train.config import TrainConfig
+from train.loop import lr_at, truncate_metrics
+from train.model import ModelError, build_model, check_model_dir, check_same_arch, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from pipeline.tokenizer import load_tokenizer
+
+    return load_tokenizer("char")
+
+
+# ---- collation ----
+def test_collate_pads_to_multiple_and_masks_labels():
+    batch = {"input_ids": np.array([np.array([5, 6, 1]), np.array([7, 8, 9, 10, 11, 12, 13, 14, 15, 1])],
+                                   dtype=object),
+             "labels": np.array([np.array([20, 1]), np.array([21, 22, 23, 1])], dtype=object)}
+    out = collate_seq2seq(batch, pad_id=0, pad_to_multiple_of=8)
+    assert out["input_ids"].shape == (2, 16) and out["labels"].shape == (2, 8)
+    assert out["input_ids"][0].tolist() == [5, 6, 1] + [0] * 13
+    assert out["attention_mask"][0].tolist() == [1, 1, 1] + [0] * 13
+    assert out["attention_mask"][1].sum() == 10
+    assert out["labels"][0].tolist() == [20, 1] + [IGNORE_INDEX] * 6
+    assert out["input_ids"].dtype == torch.int64 and "decoder_input_ids" not in out
+
+
+def test_collate_mask_from_lengths_not_pad_value():
+    out = collate_seq2seq({"input_ids": [[0, 4, 1]], "labels": [[1]]}, pad_id=0, pad_to_multiple_of=1)
+    assert out["attention_mask"].tolist() == [[1, 1, 1]]
+    assert out["labels"].tolist() == [[1]]
+
+
+def test_collate_rejects_empty_rows():
+    with pytest.raises(ValueError, match="empty token list"):
+        collate_seq2seq({"input_ids": [[]], "labels": [[1]]})
+
+
+def test_padding_never_counts_in_the_loss(tok):
+    """Same rows, different padding: identical loss (labels -100, mask from lengths, model's own shift)."""
+    torch.manual_seed(0)
+    model = build_model("t5-tiny", len(tok)).eval()
+    rows = {"input_ids": [tok("Solve 2*x = 4 for x.")["input_ids"]], "labels": [tok("2")["input_ids"]]}
+    a = collate_seq2seq(rows, pad_to_multiple_of=1)
+    b = collate_seq2seq(rows, pad_to_multiple_of=64)
+    with torch.no_grad():
+        assert torch.allclose(model(**a).loss, model(**b).loss, atol=1e-5)
+    # the decoder input is the labels shifted right behind decoder_start (pad) with -100 -> pad
+    shifted = model._shift_right(b["labels"])
+    assert shifted[0, 0] == 0 and shifted[0, 1:3].tolist() == b["labels"][0, :2].tolist()
+    assert (shifted >= 0).all()
+
+
+# ---- schedule ----
+def test_lr_warmup_then_linear_decay():
+    cfg = TrainConfig(data="d", lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+
+
+def test_batch_derivation():
+    cfg = TrainConfig(data="d", global_batch_size=128, num_workers=2, micro_batch_size=16)
+    assert (cfg.per_worker_batch, cfg.micro_batch, cfg.grad_accum) == (64, 16, 4)
+    assert TrainConfig(data="d", global_batch_size=128, num_workers=4).grad_accum == 1
+
+
+# ---- config validation ----
+@pytest.mark.parametrize("values, message", [
+    ({"global_batch_size": 10, "num_workers": 4}, "must be divisible by num_workers"),
+    ({"micro_batch_size": 48}, "must divide the per-worker batch"),
+    ({"ckpt_every": 150, "eval_every": 100}, "multiple of eval_every"),
+    ({"max_steps": None}, "exactly one of max_steps and epochs"),
+    ({"epochs": 1.0}, "exactly one of max_steps and epochs"),
+    ({"warmup_steps": 600, "max_steps": 600}, "must be < max_steps"),
+    ({"strategy": "fsdp", "num_workers": 1, "global_batch_size": 8}, "needs num_workers >= 2"),
+    ({"precision": "fp16"}, "not one of"),
+    ({"lr": 0}, "lr must be > 0"),
+    ({"run_name": "a/b"}, "run_name"),
+    ({"learning_rate": 1e-3}, "unknown key"),
+])
+def test_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(TrainConfig, values, "train")
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    from cluster.config import resolve
+
+    for f in ("configs/demo.yaml", "configs/flan-t5-large.yaml"):
+        if Path(f).exists():
+            cfg, _ = resolve(TrainConfig, "train", f, {})
+            assert cfg.max_failures >= 1
+
+
+# ---- decoding ----
+def test_greedy_decode_matches_generate(tok):
+    from train.decode import greedy_decode
+
+    torch.manual_seed(1)
+    model = build_model("t5-tiny", len(tok)).eval()
+    b = collate_seq2seq({"input_ids": [tok("Solve 3*x = 9 for x.")["input_ids"], tok("1+1")["input_ids"]],
+                         "labels": [[1], [1]]})
+    ours = greedy_decode(model, b["input_ids"], b["attention_mask"], 6)
+    ref = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], max_new_tokens=6,
+                         do_sample=False, num_beams=1)[:, 1:]  # generate prepends decoder_start
+    n = min(ours.shape[1], ref.shape[1])
+    assert ours[:, :n].tolist() == ref[:, :n].tolist()
+    fixed = greedy_decode(model, b["input_ids"], b["attention_mask"], 6, fixed_steps=True)
+    assert fixed.shape[1] == 6 and fixed[:, :n].tolist() == ours[:, :n].tolist()
+
+
+# ---- checkpoints & model directories ----
+def _ckpt(tmp_path, tok, name="t5-tiny", step=3):
+    model = build_model(name, len(tok))
+    d = tmp_path / f"ckpt-{name}-{step}"
+    write_checkpoint(d, model, model.state_dict(), tok, {"step": step, "optimizer": {}, "epoch": 0})
+    return model, d
+
+
+def test_checkpoint_roundtrip_and_export(tmp_path, tok):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model, d = _ckpt(tmp_path, tok)
+    assert verify_checkpoint(d)["step"] == 3 and load_train_state(d)["step"] == 3
+    final = export_model_dir(d, tmp_path / "final")
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(final, use_safetensors=True)
+    assert AutoTokenizer.from_pretrained(final).decode([40, 41]) == tok.decode([40, 41])
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    assert not (final / "train_state.pt").exists()
+
+
+def test_torn_checkpoint_is_refused(tmp_path, tok):
+    _, d = _ckpt(tmp_path, tok)
+    with open(d / "model.safetensors", "r+b") as f:  # a copy cut short
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="model.safetensors has 100 bytes"):
+        verify_checkpoint(d)
+    (d / "checkpoint.json").unlink()  # the manifest is written last: without it, never complete
+    with pytest.raises(CheckpointError, match="checkpoint.json is missing"):
+        load_train_state(d)
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path, tok):
+    from train.checkpoint import read_config
+
+    _, d = _ckpt(tmp_path, tok, "t5-mini")
+    with pytest.raises(ModelError, match="written by another model: d_model=256 \\(this run: 128\\)"):
+        check_same_arch(tiny_config("t5-tiny", len(tok)), read_config(d), where=str(d))
+
+
+def test_model_dir_with_missing_files(tmp_path, tok):
+    _, d = _ckpt(tmp_path, tok)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelError, match="missing model.safetensors.*only safetensors"):
+        build_model(str(d), len(tok))
+    (d / "config.json").unlink()
+    with pytest.raises(ModelError, match="missing config.json"):
+        check_model_dir(d)
+    with pytest.raises(ModelError, match="does not exist"):
+        build_model(str(tmp_path / "nope"), len(tok))
+
+
+def test_local_model_dir_loads_and_vocab_checked(tmp_path, tok):
+    _, d = _ckpt(tmp_path, tok)
+    assert build_model(str(d), len(tok)).config.d_model == 128
+    with pytest.raises(ModelError, match="embeds only 98"):
+        build_model(str(d), 500)
+
+
+def test_truncate_metrics_on_resume(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"step": 7, "lo')
+    truncate_metrics(p, 4)
+    assert p.read_text() == '{"step": 2}\n{"step": 4}\n'
+
+
+# ---- memory planner ----
+@pytest.mark.parametrize("name", ["t5-tiny", "t5-mini", "google/flan-t5-large"])
+def test_plan_counts_parameters_exactly(name):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from train.plan import architecture, count_params
+
+    a = architecture(name)
+    with torch.device("meta"):  # no memory, no weights
+        model = T5ForConditionalGeneration(T5Config(**a))
+    assert count_params(a)[0] == sum(p.numel() for p in model.parameters())
+
+
+def test_plan_static_memory_matches_real_tensors(tok):
+    """weights + grads + AdamW state of the estimate == the bytes of the real tensors after one step."""
+    from train.plan import estimate
+
+    cfg = TrainConfig(data="d", model="t5-tiny", precision="fp32", num_workers=1, global_batch_size=2)
+    plan = estimate(cfg)
+    model = build_model("t5-tiny", len(tok))
+    opt = torch.optim.AdamW(model.parameters())
+    b = collate_seq2seq({"input_ids": [[5, 1], [6, 7, 1]], "labels": [[8, 1], [1]]})
+    model(**b).loss.backward()
+    opt.step()
+    params = list(model.parameters())
+    real = sum(p.numel() * p.element_size() for p in params) * 2  # weights + grads
+    real += sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+    est = plan.parts["weights"] + plan.parts["gradients"] + plan.parts["optimizer (AdamW 2 moments)"]
+    assert est == real
+
+
+def test_plan_fsdp_shards_and_flan_large_verdicts():
+    from train.plan import estimate, format_plan
+
+    base = TrainConfig(data="d", model="google/flan-t5-large", num_workers=4, global_batch_size=64,
+                       micro_batch_size=8)
+    ddp, fsdp = estimate(base), estimate(dataclasses.replace(base, strategy="fsdp"))
+    assert fsdp.parts["optimizer (AdamW 2 moments)"] * 4 == ddp.parts["optimizer (AdamW 2 moments)"]
+    assert fsdp.total < ddp.total
+    assert ddp.fits()["A100 80GB"] and not ddp.fits()["T4 16GB"]
+    assert "fits T4 16GB" in format_plan(ddp)
