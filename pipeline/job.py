@@ -27,10 +27,17 @@ from cluster.connect import init_ray
 from pipeline.config import MAX_VALIDATION_SHARE, PipelineConfig, answer_regex
 from pipeline.generate import WORKER_ENV
 from pipeline.sources import SPLITS, ReadUnit, SourceError, plan, read_unit
-from pipeline.tokenizer import load_tokenizer, tokenizer_identity
 from pipeline.tokenize_step import TokenizeBatch
+from pipeline.tokenizer import load_tokenizer, tokenizer_identity
 from pipeline.validate import REASONS, prepare_text
-from pipeline.write import DATA_SCHEMA, REJECT_SCHEMA, LengthStats, SplitWriter, content_hash, write_json_atomic
+from pipeline.write import (
+    DATA_SCHEMA,
+    REJECT_SCHEMA,
+    LengthStats,
+    SplitWriter,
+    content_hash,
+    write_json_atomic,
+)
 
 log = logging.getLogger("mathtune.pipeline")
 
@@ -58,7 +65,9 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_o
         raise ConfigError(f"tokenizer {cfg.tokenizer!r} has no eos token; T5-style targets need one")
     units, source_info = plan(cfg)
     fraction = validation_fraction(cfg, units)
+    t_plan = time.time()
     init_ray(ray_cfg)
+    t_ray = time.time()
     ds = build_dataset(cfg, units, tokenizer, fraction, _kill_worker_once)
     try:
         counts, files, stats = write_splits(ds, cfg, out)
@@ -67,6 +76,7 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_o
     if counts["rows_in"] == 0:
         raise SourceError(f"source {cfg.source} has no rows (empty files?); nothing to write")
 
+    t_rows = time.time()
     tokenizer.save_pretrained(out / "tokenizer")
     elapsed = time.time() - t0
     manifest = {
@@ -81,6 +91,8 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_o
         "content_sha256": content_hash(out, [str(p.relative_to(out)) for v in files.values() for p in v]),
         "reject_reasons": REASONS,
         "elapsed_s": round(elapsed, 3),
+        "timings_s": {"plan": round(t_plan - t0, 3), "ray_init": round(t_ray - t_plan, 3),
+                      "read_clean_tokenize_write": round(t_rows - t_ray, 3), "finish": round(elapsed - (t_rows - t0), 3)},
         "rows_per_s": round(counts["rows_in"] / elapsed, 1) if elapsed > 0 else None,
         "complete": True,  # written last: the manifest file appears atomically, only when all is done
     }

@@ -54,7 +54,8 @@ class ReadUnit:
     seed: int = 0
     module: str = ""
     fs_spec: str = ""  # how to reopen the filesystem inside a worker (the source spec)
-    row_groups: tuple[int, ...] = ()  # parquet: the row groups of this unit (empty = all)
+    row_groups: tuple[int, ...] = ()  # parquet: the row groups this unit's row range overlaps (empty = all)
+    skip: int = 0  # parquet: rows of the first of those row groups before this unit's range
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,9 +172,10 @@ def plan_generate(cfg: PipelineConfig) -> list[ReadUnit]:
     return units
 
 
-# A Parquet file is read in pieces of about this many rows (whole row groups), one piece per read unit:
-# the hub ships all 1.98M train rows in one file, and one unit per file would leave one worker busy.
-PARQUET_ROWS_PER_UNIT = 250_000
+# A Parquet file is read in row ranges of this many rows, one range per read unit: the hub ships all 1.98M
+# train rows in one file, and one unit per file would leave every worker but one idle. A range reads the
+# row groups it overlaps and keeps its slice (decoding a row group costs little next to tokenizing it).
+PARQUET_ROWS_PER_UNIT = 50_000
 
 
 def _file_units(fs: pafs.FileSystem, path: str, parts: list[str], kind: str, spec: str) -> list[ReadUnit]:
@@ -186,19 +188,16 @@ def _file_units(fs: pafs.FileSystem, path: str, parts: list[str], kind: str, spe
         raise SourceError(f"{path}: cannot tell its split: name the file or its folder train*/test*/validation* "
                           f"(or a v1.0 regime), or add a `split` column")
     split, regime = found if found else (None, None)
-    pieces: list[tuple[int, ...]] = [()]  # () = the whole file
-    if kind == "parquet" and len(groups) > 1:
-        pieces, current, n = [], [], 0
-        for i, g in enumerate(groups):
-            current.append(i)
-            n += g
-            if n >= PARQUET_ROWS_PER_UNIT:
-                pieces.append(tuple(current))
-                current, n = [], 0
-        if current:
-            pieces.append(tuple(current))
-    return [ReadUnit(kind, split, regime, path=path, rows=sum(groups[i] for i in p) if p else rows,
-                     fs_spec=spec, row_groups=p) for p in pieces]
+    if kind != "parquet" or rows <= PARQUET_ROWS_PER_UNIT:
+        return [ReadUnit(kind, split, regime, path=path, rows=rows, fs_spec=spec)]
+    group_start = [sum(groups[:i]) for i in range(len(groups))]
+    units = []
+    for start in range(0, rows, PARQUET_ROWS_PER_UNIT):
+        stop = min(rows, start + PARQUET_ROWS_PER_UNIT)
+        overlap = tuple(i for i, g in enumerate(groups) if group_start[i] < stop and group_start[i] + g > start)
+        units.append(ReadUnit(kind, split, regime, path=path, rows=stop - start, fs_spec=spec,
+                              row_groups=overlap, skip=start - group_start[overlap[0]]))
+    return units
 
 
 def _check_columns(path: str, schema: pa.Schema) -> None:
@@ -379,8 +378,20 @@ def _read_parquet(fs, unit: ReadUnit, batch_rows: int) -> Iterator[pa.Table]:
     with fs.open_input_file(unit.path) as f:
         pf = pq.ParquetFile(f)
         cols = [c for c in ("question", "answer", "regime", "split") if c in pf.schema_arrow.names]
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols, row_groups=unit.row_groups or None):
+        if not unit.row_groups:
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+                yield _pick(batch, unit.path)
+            return
+        skip, left = unit.skip, unit.rows
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols, row_groups=list(unit.row_groups)):
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            batch = batch.slice(skip, left)
+            skip, left = 0, left - batch.num_rows
             yield _pick(batch, unit.path)
+            if left == 0:
+                return
 
 
 def _read_arrow(fs, unit: ReadUnit, batch_rows: int) -> Iterator[pa.Table]:

@@ -50,16 +50,18 @@ def test_hub_parquet_layout_wrapped(tmp_path):
     assert set(t["regime"].to_pylist()) == {"train", "test"}
 
 
-def test_parquet_file_is_read_in_row_group_pieces(tmp_path, monkeypatch):
+@pytest.mark.parametrize("row_group_size,batch_rows", [(1, 100), (4, 100), (4, 3), (100, 2)])
+def test_parquet_file_is_read_in_row_ranges(tmp_path, monkeypatch, row_group_size, batch_rows):
     import pipeline.sources as sources
 
-    monkeypatch.setattr(sources, "PARQUET_ROWS_PER_UNIT", 2)
-    pq.write_table(pa.table({"question": [q for q, _ in ROWS] * 3, "answer": [a for _, a in ROWS] * 3}),
-                   tmp_path / "train-00000.parquet", row_group_size=1)
+    monkeypatch.setattr(sources, "PARQUET_ROWS_PER_UNIT", 5)
+    questions = [f"Solve {i}*x = 0 for x." for i in range(23)]
+    pq.write_table(pa.table({"question": questions, "answer": ["0"] * 23}), tmp_path / "train-00000.parquet",
+                   row_group_size=row_group_size)
     units, _ = plan(PipelineConfig(source=str(tmp_path / "train-00000.parquet")))
-    assert [u.row_groups for u in units] == [(0, 1), (2, 3), (4, 5), (6, 7), (8,)]
-    t = pa.concat_tables([t for u in units for t in read_unit(u, 100)])
-    assert t["question"].to_pylist() == [q for q, _ in ROWS] * 3
+    assert [u.rows for u in units] == [5, 5, 5, 5, 3]
+    t = pa.concat_tables([t for u in units for t in read_unit(u, batch_rows)])
+    assert t["question"].to_pylist() == questions  # every row exactly once, in order
 
 
 def test_jsonl_with_split_and_regime_columns(tmp_path):

@@ -17,7 +17,6 @@ from pipeline.tokenizer import load_tokenizer
 from pipeline.validate import prepare_text, text_reasons, token_reasons
 from pipeline.write import LengthStats, SplitWriter, content_hash, write_json_atomic
 
-
 # ---- cleaning ---------------------------------------------------------------------------------------
 
 def test_strip_wrapper_only_where_present():

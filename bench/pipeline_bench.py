@@ -1,0 +1,225 @@
+"""Pipeline benchmark: the seed's `datasets.map` way vs `python -m pipeline`, whole processes, same rows,
+same tokenizer; and `--source generate` vs the single-process generator.
+
+    python -m bench.pipeline_bench --rows 200000 2000000      # file runs (hub's wrapped Parquet form)
+    python -m bench.pipeline_bench --gen-rows 8000             # generator runs
+
+Fixtures live in bench/out/ (git-ignored) and are made once: a T5-kind SentencePiece-unigram tokenizer
+(vocab 1000, trained with `tokenizers` on generated rows) and wrapped Parquet files in the hub's layout
+(<module>/{train,test}/0000.parquet, every string "b'...\\n'"). Generating 2M rows takes ~25 min of CPU
+here, so the Parquet rows are a 30k-row generated base repeated to size: the per-row cost of cleaning and
+tokenizing does not depend on rows being unique. Each measurement is a fresh process (tree): wall time
+and the peak summed RSS of the process and all its descendants (Ray's raylet, GCS and workers included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+PY = sys.executable
+BASE_ROWS = 30_000
+TEST_ROWS = 10_000
+MODULE = "algebra__linear_1d"
+
+# The seed's way: clean with a per-row map (slicing off the wrapper), then tokenize with the tokenizer's
+# __call__ in batched map, then write Parquet.
+SEED_SCRIPT = r"""
+import sys
+from datasets import load_dataset
+from transformers import AutoTokenizer
+src, tok_dir, out, num_proc = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) or None
+tok = AutoTokenizer.from_pretrained(tok_dir)
+ds = load_dataset("parquet", data_files={"train": f"{src}/train/*.parquet", "test": f"{src}/test/*.parquet"})
+def clean(ex):
+    return {"question": ex["question"][2:-3], "answer": ex["answer"][2:-3]}
+ds = ds.map(clean, num_proc=num_proc)
+def tokenize(b):
+    return tok(b["question"], text_target=b["answer"])
+ds = ds.map(tokenize, batched=True, num_proc=num_proc)
+for split in ds:
+    ds[split].to_parquet(f"{out}/{split}.parquet")
+print("rows", sum(len(ds[s]) for s in ds))
+"""
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall seconds and peak RSS (MiB) of a command's whole process tree, sampled every 0.2 s."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss
+            for child in ps.children(recursive=True):
+                with contextlib.suppress(psutil.Error):  # a child may exit between listing and reading
+                    rss += child.memory_info().rss
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak / 2**20), "tail": out.strip().splitlines()[-1:]}
+
+
+def base_rows() -> tuple[list[str], list[str]]:
+    """BASE_ROWS generated (question, answer) pairs, cached as JSON."""
+    path = OUT / "base_rows.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        return d["q"], d["a"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    os.environ["PYTHONHASHSEED"] = "0"
+    from pipeline.generate import generate_rows
+
+    q, a = [], []
+    for i, regime in enumerate(("train-easy", "train-medium", "train-hard")):
+        qq, aa, _ = generate_rows(MODULE, regime, BASE_ROWS // 3, seed=100 + i)
+        q += qq
+        a += aa
+    path.write_text(json.dumps({"q": q, "a": a}))
+    return q, a
+
+
+def unigram_tokenizer() -> Path:
+    """A T5-kind tokenizer: SentencePiece unigram, vocab 1000, pad 0 / eos 1 / unk 2, `</s>` appended."""
+    path = OUT / "unigram_tokenizer"
+    if (path / "tokenizer.json").exists():
+        return path
+    from tokenizers import processors
+    from tokenizers.implementations import SentencePieceUnigramTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    q, a = base_rows()
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(q + a, vocab_size=1000, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                           show_progress=False)
+    tok = sp._tokenizer
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    assert (fast.pad_token_id, fast.eos_token_id, fast.unk_token_id) == (0, 1, 2)
+    fast.save_pretrained(path)
+    return path
+
+
+def hub_fixture(rows: int) -> Path:
+    """rows wrapped rows in the hub's layout: train = rows - 10k, test = 10k."""
+    root = OUT / f"hub_{rows}" / MODULE
+    if (root / "test" / "0000.parquet").exists():
+        return root
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    q, a = base_rows()
+    wq = pa.array([f"b'{x}\\n'" for x in q])
+    wa = pa.array([f"b'{x}\\n'" for x in a])
+    for split, n in (("train", rows - TEST_ROWS), ("test", TEST_ROWS)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        reps = -(-n // len(q))
+        t = pa.table({"question": pa.concat_arrays([wq] * reps)[:n], "answer": pa.concat_arrays([wa] * reps)[:n]})
+        pq.write_table(t, root / split / "0000.parquet", row_group_size=100_000)  # hub-like row groups
+    return root
+
+
+def bench_files(rows: int, skip_single: bool) -> list[dict]:
+    src, tok = hub_fixture(rows), unigram_tokenizer()
+    results = []
+    for name, tokenizer in (("unigram-1000", str(tok)), ("char", "char")):
+        runs = []
+        for num_proc in ([2] if skip_single else [0, 2]):
+            out = OUT / "seed_out"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            cache = OUT / "hf_cache"
+            shutil.rmtree(cache, ignore_errors=True)  # cold: no cached map results from an earlier run
+            if tokenizer == "char":
+                from pipeline.tokenizer import build_char_tokenizer
+
+                build_char_tokenizer().save_pretrained(OUT / "char_tokenizer")
+                tok_dir = str(OUT / "char_tokenizer")
+            else:
+                tok_dir = tokenizer
+            r = measure([PY, "-c", SEED_SCRIPT, str(src), tok_dir, str(out), str(num_proc)],
+                        env={"HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+            runs.append({"way": f"seed datasets.map num_proc={num_proc or 1}", **r})
+        out = OUT / "pipeline_out"
+        shutil.rmtree(out, ignore_errors=True)
+        r = measure([PY, "-m", "pipeline", "--source", str(src), "--tokenizer", tokenizer, "--output", str(out),
+                     "--validation-size", "0", "--address", "local"], env={"HF_HUB_OFFLINE": "1"})
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["rows_in"] == rows, manifest["rows_in"]
+        runs.append({"way": "python -m pipeline", **r, "rows_kept": manifest["rows_kept"]})
+        base = next(x for x in runs if x["way"].endswith("num_proc=2"))
+        for x in runs:
+            x.update(rows=rows, tokenizer=name, rows_per_s=round(rows / x["wall_s"]),
+                     speedup_vs_num_proc_2=round(base["wall_s"] / x["wall_s"], 2))
+        results += runs
+        print(json.dumps(runs, indent=1), flush=True)
+    return results
+
+
+def bench_generate(rows: int) -> list[dict]:
+    """`--source generate` (parallel Ray tasks, whole pipeline) vs generating the same rows in one process."""
+    per_regime, test = rows // 4, rows - 3 * (rows // 4)
+    single = measure([PY, "-c", (
+        "import os; from pipeline.generate import generate_rows\n"
+        f"for r, n in [('train-easy', {per_regime}), ('train-medium', {per_regime}), ('train-hard', {per_regime}),"
+        f" ('interpolate', {test})]: generate_rows('{MODULE}', r, n, seed=1)")], env={"PYTHONHASHSEED": "0"})
+    out = OUT / "generate_out"
+    shutil.rmtree(out, ignore_errors=True)
+    ours = measure([PY, "-m", "pipeline", "--source", "generate", "--train-rows-per-regime", str(per_regime),
+                    "--test-rows", str(test), "--rows-per-shard", str(max(500, per_regime // 4)),
+                    "--output", str(out), "--address", "local"])
+    res = [{"way": "single-process generator (generation only)", **single},
+           {"way": "python -m pipeline --source generate (generate+clean+tokenize+write)", **ours}]
+    for x in res:
+        x.update(rows=rows, rows_per_s=round(rows / x["wall_s"]), speedup=round(single["wall_s"] / x["wall_s"], 2))
+    print(json.dumps(res, indent=1), flush=True)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, nargs="*", default=[200_000], help="file-source sizes (rows)")
+    p.add_argument("--gen-rows", type=int, default=0, help="rows for the generator comparison (0 = skip)")
+    p.add_argument("--skip-single", action="store_true", help="skip the seed's single-process run")
+    args = p.parse_args()
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
+            "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
+    results = []
+    for rows in args.rows:
+        results += bench_files(rows, args.skip_single)
+    if args.gen_rows:
+        results += bench_generate(args.gen_rows)
+    info["load_avg_end"] = os.getloadavg()
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"pipeline_bench_{int(time.time())}.json"
+    path.write_text(json.dumps({"info": info, "results": results}, indent=1))
+    print("| rows | tokenizer | way | wall s | rows/s | x vs num_proc=2 | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['rows']} | {r.get('tokenizer', '-')} | {r['way']} | {r['wall_s']} | {r['rows_per_s']} | "
+              f"{r.get('speedup_vs_num_proc_2', r.get('speedup'))} | {r['peak_rss_mib']} |")
+    print(json.dumps(info), f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
