@@ -21,8 +21,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,70 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
+from cluster_procs import free_ports, processes_of, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY_CLI = str(VENV_BIN / "ray")
 HEAD_START_TIMEOUT_S = 90
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free right now on loopback (held open together so they differ)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _proc_table() -> dict[int, tuple[int, int, int, str]]:
-    """pid -> (ppid, session id, start time, state) from /proc; start time tells a reused pid apart."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        table[int(entry)] = (int(fields[1]), int(fields[3]), int(fields[19]), fields[0])
-    return table
-
-
-def processes_of(root_pid: int, session: int) -> dict[int, int]:
-    """The live processes `ray start` started: its session (gcs, raylet, dashboard, workers) plus anything
-    that left the session but descends from it (a job's driver runs in a session of its own)."""
-    table = _proc_table()
-    mine = {root_pid} & table.keys()
-    grew = True
-    while grew:
-        grew = False
-        for pid, (ppid, sid, _, _) in table.items():
-            if pid not in mine and (sid == session or ppid in mine):
-                mine.add(pid)
-                grew = True
-    return {pid: table[pid][2] for pid in mine if table[pid][3] != "Z"}
-
-
-def stop_processes(procs: dict[int, int], grace_s: float = 10.0) -> list[int]:
-    """SIGTERM, then SIGKILL whatever of exactly these processes (pid + start time) is still alive."""
-
-    def alive() -> list[int]:
-        table = _proc_table()
-        return [p for p, start in procs.items() if p in table and table[p][2] == start and table[p][3] != "Z"]
-
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        for pid in alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-    return alive()
 
 
 @dataclass
@@ -143,7 +84,10 @@ def start_local_head(num_cpus: int = 4) -> LocalHead:
     temp_dir = Path(tempfile.mkdtemp(prefix="mt-ray-", dir="/tmp"))
     token = secrets.token_hex(32)
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           # Ray's address file (ray_current_cluster) goes here, not to /tmp/ray where a plain ray.init()
+           # of someone else would find this head and attach to it.
+           "RAY_TMPDIR": str(temp_dir)}
     for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
         env.pop(var, None)
     cmd = [
@@ -230,6 +174,44 @@ def test_failed_job_is_reported_as_failed(local_head):
     result = submit(local_head, "fails", ["python", "-c", "raise SystemExit(3)"], timeout=120)
     assert result.returncode != 0
     assert job_status(local_head, "fails") == "FAILED"
+
+
+# The smallest end-to-end job that still runs every stage for real: ~330 generated rows, a t5-tiny trained
+# 4 steps by one worker (checkpoints at 2 and 4), 16 test rows scored before and after.
+TINY_RUN = {
+    "pipeline": {"train_rows_per_regime": 100, "test_rows": 32, "validation_size": 0.1},
+    "train": {"model": "t5-tiny", "precision": "fp32", "num_workers": 1, "global_batch_size": 16, "max_steps": 4,
+              "warmup_steps": 1, "eval_every": 2, "ckpt_every": 2, "eval_samples": 8, "eval_batch_size": 8,
+              "log_every": 2},
+    "eval": {"max_rows": 16, "batch_size": 16, "num_actors": 1},
+}
+
+
+@pytest.mark.slow
+def test_end_to_end_job_via_ray_job_submit(local_head, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"run": {"output_dir": str(out)}, **TINY_RUN}))
+
+    result = submit(local_head, "e2e", ["python", "-m", "cluster.run", "--config", str(config)], timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert job_status(local_head, "e2e") == "SUCCEEDED"
+
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    summary = json.loads((out / "train" / "summary.json").read_text())
+    assert summary["max_steps"] == 4
+    assert (out / "train" / "final" / "config.json").is_file()
+    assert list((out / "train" / "final").glob("*.safetensors"))
+    for stage in ("eval-before", "eval-after"):
+        assert json.loads((out / stage / "metrics.json").read_text())["n"] == 16, stage
+    run_summary = json.loads((out / "run_summary.json").read_text())
+    assert run_summary["outputs"]["model"] == str(out / "train" / "final")
+
+    logs = local_head.cli("job", "logs", "e2e", timeout=60)
+    assert logs.returncode == 0, logs.stderr
+    for line in ("[run] pipeline: done", "[run] train: done", "[run] eval-after: done", "== mathtune run =="):
+        assert line in logs.stdout, f"{line!r} missing from `ray job logs e2e`"
 
 
 def test_stop_processes_stops_exactly_the_given_processes():
