@@ -29,7 +29,8 @@ class EvalConfig:
     """Rows per generate() call."""
     sort_window: int = 512
     """Rows handed to an actor at once; they are sorted by question length and cut into batch_size
-    chunks, so each generate() call pads to similar lengths (no global shuffle needed)."""
+    chunks, so each generate() call pads to similar lengths (no global shuffle needed). Capped at
+    rows/8 (but >= batch_size) so a small split still gives every actor work."""
     max_new_tokens: int | None = None
     """Generation budget. Default: the longest label in the split plus max_new_tokens_slack, so an answer
     longer than every gold one is seen as longer instead of being truncated into a match."""

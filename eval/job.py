@@ -192,15 +192,19 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
         "eval: %s on %d rows of %s, %d actor(s) x (%g CPU, %g GPU), batch %d, max_new_tokens %d",
         model.spec, split.rows, split.path, actors, cpus, gpus, cfg.batch_size, max_new_tokens,
     )
+    # At least ~8 blocks, so several actors share the work and reads overlap generation. Derived from
+    # the config and row count only, never from the actor count: the same rows then share a generate()
+    # batch whatever the pool size, and 1 or N actors give identical predictions.
+    window = min(cfg.sort_window, max(cfg.batch_size, -(-split.rows // 8)))
     read_cols = [*cols, "input_ids", "labels"] + (["regime"] if split.has_regime else [])
     t0 = time.perf_counter()
     with _data_context(preserve_order=True):
         ds = ray.data.read_parquet(split.files, columns=read_cols)
         if cfg.max_rows:
             ds = ds.limit(cfg.max_rows)
-        # A test split is often one file = one block = one actor task: cut it into sort_window-row blocks
+        # A test split is often one file = one block = one actor task: cut it into blocks of `window` rows
         # so every actor of the pool gets work (a streaming split, no shuffle).
-        ds = ds.repartition(target_num_rows_per_block=cfg.sort_window)
+        ds = ds.repartition(target_num_rows_per_block=window)
         remote_args: dict[str, Any] = {
             "max_restarts": cfg.max_actor_restarts,
             "max_task_retries": cfg.max_actor_restarts,
@@ -218,7 +222,7 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
                 "use_gpu": gpus > 0,
                 "torch_threads": threads,
             },
-            batch_size=cfg.sort_window,
+            batch_size=window,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus,
