@@ -106,12 +106,33 @@ def eval_done(cfg) -> bool:
     return (Path(cfg.output) / "metrics.json").is_file()
 
 
+def base_model(plan: Plan):
+    """The eval-before config: a checkpoint (hub id / path) is scored as is; a from-scratch tiny model is
+    built with the run's seed and saved like any model dir, so eval has one code path."""
+    from train.model import TINY_CONFIGS
+
+    spec = plan.train.model
+    if spec not in TINY_CONFIGS:
+        return dataclasses.replace(plan.eval_before, model=spec)
+    import torch
+    from transformers import AutoTokenizer
+
+    from train.model import build_model
+
+    dest = Path(plan.eval_before.model)
+    tok = AutoTokenizer.from_pretrained(plan.train.tokenizer or str(Path(plan.pipeline.output) / "tokenizer"))
+    torch.manual_seed(plan.train.seed)
+    model = build_model(spec, len(tok), tok.pad_token_id, tok.eos_token_id)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return plan.eval_before
+
+
 def run(plan: Plan) -> dict[str, Any]:
     import eval as eval_stage
     import pipeline as pipeline_stage
     import train as train_stage
     from cluster.connect import init_ray
-    from train.model import save_base_model
 
     init_ray(plan.ray)
     force = plan.run.force
@@ -134,7 +155,7 @@ def run(plan: Plan) -> dict[str, Any]:
         stage(
             "eval-before",
             eval_done(plan.eval_before),
-            lambda: (save_base_model(plan.train, plan.eval_before.model), eval_stage.run(plan.eval_before, plan.ray)),
+            lambda: eval_stage.run(base_model(plan), plan.ray),
         )
     stage("train", train_done(plan), lambda: train_stage.run(plan.train, plan.ray))
     stage("eval-after", eval_done(plan.eval_after), lambda: eval_stage.run(plan.eval_after, plan.ray))
