@@ -133,3 +133,18 @@ def test_length_sorted_chunks_cover_every_row_once():
     ids, mask = pad([[4, 1], [7, 8, 9, 1]], value=0)
     assert ids.tolist() == [[4, 1, 0, 0], [7, 8, 9, 1]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_local_evaluate_module_matches_metrics(monkeypatch):
+    """eval/math_answer loads from its local path with the hub switched off, and agrees with metrics.py."""
+    from pathlib import Path
+
+    import evaluate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    metric = evaluate.load(str(Path(__file__).resolve().parents[1] / "eval" / "math_answer"))
+    preds, refs = ["-06 </s>", "21", "", "3/4"], ["-6", "12", "5", "0.75"]
+    got = metric.compute(predictions=preds, references=refs)
+    want = aggregate(preds, refs)
+    assert got == {"exact_match": want["exact_match"], "f1": want["f1_mean"], "f1_micro": want["f1_micro"], "n": 4}
+    assert got["exact_match"] == 0.5
