@@ -56,7 +56,7 @@ class RejectError(ValueError):
 def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_once: str | None = None) -> dict:
     """Run the pipeline; returns the manifest (also written to <output>/manifest.json, complete: true)."""
     t0 = time.time()
-    out = prepare_output(Path(cfg.output))
+    # Everything that can be refused is refused before the old output is touched or Ray starts.
     if cfg.push_to_hub and not os.environ.get("HF_TOKEN"):
         raise ConfigError("--push-to-hub needs a Hugging Face token in the HF_TOKEN environment variable "
                           "(never as a flag or config key)")
@@ -65,6 +65,7 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_o
         raise ConfigError(f"tokenizer {cfg.tokenizer!r} has no eos token; T5-style targets need one")
     units, source_info = plan(cfg)
     fraction = validation_fraction(cfg, units)
+    out = prepare_output(Path(cfg.output))
     t_plan = time.time()
     init_ray(ray_cfg)
     t_ray = time.time()
