@@ -121,21 +121,25 @@ def _finish(cfg: EvalConfig, out: Path, table, metrics: dict[str, Any], train_di
     return metrics
 
 
-def _pool_size(cfg: EvalConfig) -> tuple[int, float, float, int]:
-    """(actors, cpus per actor, gpus per actor, torch threads), checked against the cluster."""
+def _pool_size(cfg: EvalConfig, ray_cfg: RayConfig) -> tuple[int, float, float, int]:
+    """(actors, cpus per actor, gpus per actor, torch threads), checked against the cluster.
+
+    An autoscaling cluster may start with no GPU node: with gpus_per_actor set, require_resources waits
+    up to ray.resource_timeout_s for the nodes, then fails clearly instead of waiting forever.
+    """
     import ray
 
-    from cluster.connect import ResourceError
+    from cluster.connect import ResourceError, require_resources
 
     total = ray.cluster_resources()
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if total.get("GPU", 0) >= 1 else 0.0)
     actors = cfg.num_actors or (max(1, int(total.get("GPU", 0) // gpus)) if gpus else 1)
     cpus = cfg.cpus_per_actor
-    if gpus * actors > total.get("GPU", 0):
-        raise ResourceError(
-            f"eval needs {actors} actor(s) x {gpus:g} GPU but the cluster has {total.get('GPU', 0):g} GPUs: "
-            f"lower --num-actors or --gpus-per-actor"
-        )
+    require_resources(
+        f"eval ({actors} actor(s) x {cpus:g} CPU, {gpus:g} GPU)", cpus=actors * cpus, gpus=actors * gpus,
+        per_bundle={"CPU": cpus, "GPU": gpus}, bundles=actors, timeout_s=ray_cfg.resource_timeout_s,
+    )
+    total = ray.cluster_resources()
     # The read tasks need a CPU slot beside the actors, or the pool waits forever for input.
     if actors * cpus + 1 > total.get("CPU", 0):
         raise ResourceError(
@@ -187,7 +191,7 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     expected = _row_keys(table["question"].to_pylist(), table["answer"].to_pylist())
 
     init_ray(ray_cfg)
-    actors, cpus, gpus, threads = _pool_size(cfg)
+    actors, cpus, gpus, threads = _pool_size(cfg, ray_cfg)
     log.info(
         "eval: %s on %d rows of %s, %d actor(s) x (%g CPU, %g GPU), batch %d, max_new_tokens %d",
         model.spec, split.rows, split.path, actors, cpus, gpus, cfg.batch_size, max_new_tokens,

@@ -148,3 +148,19 @@ def test_score_predictions_file(tmp_path, ray_local):
     assert out["em"].to_pylist() == [True, False, False, False, False]
     assert math.isclose(out["f1"].to_pylist()[2], 2 / 3)
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [({"num_actors": 8}, "needs 8 CPUs"), ({"gpus_per_actor": 1.0}, "GPUs"), ({"num_actors": 4}, "no CPU for")],
+)
+def test_more_than_the_cluster_can_provide_fails_fast(assets, ray_local, kw, msg):
+    import time
+
+    import eval
+    from cluster.connect import ResourceError
+
+    t0 = time.monotonic()
+    with pytest.raises(ResourceError, match=msg):
+        eval.run(_cfg(assets, "too-big", **kw), RayConfig())
+    assert time.monotonic() - t0 < 30  # a clear error, never an endless wait for resources
