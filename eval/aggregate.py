@@ -15,6 +15,7 @@ import numpy as np
 
 from eval.metrics import ERROR_CLASSES, f1_from_counts, score
 
+REGIME_ORDER = ("train-easy", "train-medium", "train-hard", "interpolate", "extrapolate")
 SUM_FIELDS = ("n", "em", "tf_em", "f1_sum", "f1_common", "f1_n_pred", "f1_n_ref", "truncated")
 
 
@@ -71,6 +72,11 @@ def _summarize(s: dict[str, float], teacher_forced: bool) -> dict[str, Any]:
     return d
 
 
+def _regime_order(regimes) -> list[str]:
+    """DeepMind's order (easy, medium, hard, interpolate), then any other regime alphabetically."""
+    return sorted(regimes, key=lambda r: (REGIME_ORDER.index(r) if r in REGIME_ORDER else len(REGIME_ORDER), r))
+
+
 def combine(partials: list[dict[str, Any]], teacher_forced: bool) -> dict[str, Any]:
     """Partial rows -> overall metrics, by regime and by error class (overall and per regime).
 
@@ -89,7 +95,7 @@ def combine(partials: list[dict[str, Any]], teacher_forced: bool) -> dict[str, A
         errors_by_regime[r["regime"]][r["error_class"]] += int(r["n"])
     return {
         **_summarize(total, teacher_forced),
-        "by_regime": {k: _summarize(v, teacher_forced) for k, v in sorted(by_regime.items())},
+        "by_regime": {k: _summarize(by_regime[k], teacher_forced) for k in _regime_order(by_regime)},
         "error_classes": errors,
-        "error_classes_by_regime": {k: dict(v) for k, v in sorted(errors_by_regime.items())},
+        "error_classes_by_regime": {k: dict(errors_by_regime[k]) for k in _regime_order(errors_by_regime)},
     }

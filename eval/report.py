@@ -107,8 +107,12 @@ def write_report(metrics: dict[str, Any], out: Path, train_dir: Path | None) -> 
     lines = [
         "# Evaluation report",
         "",
-        f"- model: `{metrics.get('model')}`",
-        f"- data: `{metrics.get('data')}` (split `{metrics.get('split')}`)",
+        *(
+            [f"- predictions: `{metrics['predictions']}` (scored as given)"]
+            if metrics.get("predictions")
+            else [f"- model: `{metrics.get('model')}`",
+                  f"- data: `{metrics.get('data')}` (split `{metrics.get('split')}`)"]
+        ),
         f"- rows: {metrics['rows_in']} in, {metrics['rows_scored']} scored",
         "",
         "| metric | value |",
