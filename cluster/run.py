@@ -98,8 +98,13 @@ def pipeline_done(plan: Plan) -> bool:
 
 
 def train_done(plan: Plan) -> bool:
+    """Finished for this model and step budget. A larger max_steps re-enters training, which resumes from
+    the run's latest checkpoint (same run_name + storage_path) rather than starting over."""
     s = _read_json(Path(plan.train.output) / "summary.json")
-    return bool(s and (Path(plan.train.output) / "final" / "config.json").is_file())
+    if not s or not (Path(plan.train.output) / "final" / "config.json").is_file():
+        return False
+    same_budget = plan.train.max_steps is None or s.get("max_steps") == plan.train.max_steps
+    return s.get("model") == plan.train.model and same_budget and s.get("steps") == s.get("max_steps")
 
 
 def eval_done(cfg) -> bool:
@@ -157,8 +162,9 @@ def run(plan: Plan) -> dict[str, Any]:
             eval_done(plan.eval_before),
             lambda: eval_stage.run(base_model(plan), plan.ray),
         )
-    stage("train", train_done(plan), lambda: train_stage.run(plan.train, plan.ray))
-    stage("eval-after", eval_done(plan.eval_after), lambda: eval_stage.run(plan.eval_after, plan.ray))
+    trained = stage("train", train_done(plan), lambda: train_stage.run(plan.train, plan.ray)) is not None
+    # A model trained (or trained further) in this invocation makes any earlier eval-after stale.
+    stage("eval-after", eval_done(plan.eval_after) and not trained, lambda: eval_stage.run(plan.eval_after, plan.ray))
     summary = collect_summary(plan, timings)
     (plan.root / "run_summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
