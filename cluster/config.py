@@ -182,7 +182,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -
         flag = "--" + f.name.replace("_", "-")
         inner, _ = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f"{docs.get(f.name, '')} (default: {default!r})".strip()
+        # argparse %-formats help strings: a literal % in a docstring ("30% of RAM") must be doubled.
+        help_ = f"{docs.get(f.name, '')} (default: {default!r})".strip().replace("%", "%%")
         if inner is bool:
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_

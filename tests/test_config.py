@@ -64,3 +64,25 @@ def test_bad_yaml_file(tmp_path):
 def test_ray_config_validation():
     with pytest.raises(ConfigError, match="num_cpus"):
         RayConfig(num_cpus=0)
+
+
+@pytest.mark.parametrize("stage", ["pipeline", "train", "eval", "cluster.run"])
+def test_every_stage_help_lists_its_options(stage):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", stage, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--config" in proc.stdout and "usage:" in proc.stdout
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    from cluster.run import build_plan
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 2
+    for path in configs:
+        assert path.read_text().lstrip().startswith("#"), f"{path.name} must open with the command that runs it"
+        build_plan(str(path), {})
