@@ -188,6 +188,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     best = state.get("best") if state else None
     val: dict[str, float] = state.get("last_val", {}) if state else {}
     if rank == 0:
+        if state is None:  # a fresh start (or a restart before any checkpoint was committed): new history
+            truncate_metrics(metrics_path, 0)
         append_jsonl(metrics_path, {"event": "start", "step": step, "rank": rank, "pid": os.getpid(),
                                     "world_size": world, "max_steps": max_steps})
 
@@ -301,6 +303,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # Every rank reports (it is a barrier); only rank 0 carries files.
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}")
             if rank == 0:
+                # Uploaded; Ray's controller commits it (checkpoint_manager_snapshot.json) at its next poll (~2 s):
+                # a crash before that resumes from the previous checkpoint.
                 log.info("[train] checkpoint written at step %d (%.1fs)", step, time.perf_counter() - t_ck)
                 append_jsonl(metrics_path, {"event": "checkpoint", "step": step})
             iv_t0 += time.perf_counter() - t_ck
