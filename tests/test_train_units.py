@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from cluster.config import ConfigError, from_dict
-from train.checkpoint import CheckpointError, export_model_dir, load_train_state, verify_checkpoint, write_checkpoint
+from train.checkpoint import (
+    CheckpointError,
+    export_model_dir,
+    load_train_state,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from train.collate import IGNORE_INDEX, collate_seq2seq
 from train.config import TrainConfig
 from train.loop import lr_at, truncate_metrics
