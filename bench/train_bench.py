@@ -1,0 +1,87 @@
+"""Ray Train overhead on CPU: `train.run` with 2 Ray workers x 1 thread vs a plain single-process PyTorch
+loop with 2 threads, same model (t5-tiny, fp32), data, global batch and steps, in one run.
+
+    .venv/bin/python -m bench.train_bench [--steps 60] [--rows 8192]
+
+Both numbers are training samples/s over the optimizer steps only (data fetching included; Ray start-up,
+validation and checkpointing excluded). Target: ray / plain >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from train_fixtures import make_dataset  # noqa: E402  (the contract-format tiny dataset writer)
+
+
+def plain_loop(data: Path, steps: int, batch: int, threads: int, lr: float = 3e-3) -> float:
+    import pyarrow.parquet as pq
+
+    from train.collate import collate_seq2seq
+    from train.model import build_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    t = pq.read_table(data / "train", columns=["input_ids", "labels"]).to_pydict()
+    model = build_model("t5-tiny", 98)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    n = len(t["input_ids"])
+    elapsed = 0.0
+    for s in range(steps):
+        t0 = time.perf_counter()
+        i = (s * batch) % (n - batch)
+        b = collate_seq2seq({"input_ids": t["input_ids"][i:i + batch], "labels": t["labels"][i:i + batch]})
+        loss = model(**b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed += time.perf_counter() - t0
+    return steps * batch / elapsed
+
+
+def ray_run(data: Path, out: Path, steps: int, batch: int) -> dict:
+    from cluster.config import RayConfig
+    from train.config import TrainConfig
+    from train.trainer import run
+
+    cfg = TrainConfig(data=str(data), output=str(out), model="t5-tiny", precision="fp32", num_workers=2,
+                      cpus_per_worker=1, torch_threads=1, global_batch_size=batch, max_steps=steps,
+                      warmup_steps=5, eval_every=steps, ckpt_every=steps, eval_samples=0, log_every=10,
+                      max_failures=0)
+    return run(cfg, RayConfig())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=128)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_dataset(Path(tmp) / "data", n_train=args.rows, n_val=64, files=4)
+        plain = plain_loop(data, args.steps, args.batch, threads=2)
+        summary = ray_run(data, Path(tmp) / "out", args.steps, args.batch)
+    result = {
+        "plain_samples_per_s": round(plain, 1),
+        "ray_2workers_samples_per_s": round(summary["samples_per_s"], 1),
+        "ratio": round(summary["samples_per_s"] / plain, 3),
+        "steps": args.steps, "global_batch": args.batch, "model": "t5-tiny fp32",
+        "ray_wall_time_s": summary["wall_time_s"],
+        "loadavg_1m": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
