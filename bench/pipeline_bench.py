@@ -31,6 +31,7 @@ PY = sys.executable
 BASE_ROWS = 30_000
 TEST_ROWS = 10_000
 MODULE = "algebra__linear_1d"
+TOKENIZERS = ["unigram-1000", "char"]
 
 # The seed's way: clean with a per-row map (slicing off the wrapper), then tokenize with the tokenizer's
 # __call__ in batched map, then write Parquet.
@@ -143,6 +144,8 @@ def bench_files(rows: int, skip_single: bool) -> list[dict]:
     src, tok = hub_fixture(rows), unigram_tokenizer()
     results = []
     for name, tokenizer in (("unigram-1000", str(tok)), ("char", "char")):
+        if name not in TOKENIZERS:
+            continue
         runs = []
         for num_proc in ([2] if skip_single else [0, 2]):
             out = OUT / "seed_out"
@@ -201,7 +204,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="*", default=[200_000], help="file-source sizes (rows)")
     p.add_argument("--gen-rows", type=int, default=0, help="rows for the generator comparison (0 = skip)")
     p.add_argument("--skip-single", action="store_true", help="skip the seed's single-process run")
+    p.add_argument("--tokenizers", nargs="*", default=["unigram-1000", "char"], help="unigram-1000 and/or char")
     args = p.parse_args()
+    TOKENIZERS[:] = args.tokenizers
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
             "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
     results = []

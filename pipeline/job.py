@@ -221,8 +221,9 @@ def write_splits(ds, cfg: PipelineConfig, out: Path) -> tuple[dict, dict, dict]:
             rejects.write(pa.table({"split": bad_split, "regime": bad["regime"], "reason": bad["reject"],
                                     "question": bad["question_raw"], "answer": bad["answer_raw"]}))
             batch = batch.filter(pc.invert(is_rejected))
-        for split in SPLITS:
-            part = batch.filter(pc.equal(batch["split"], split))
+        present = pc.unique(batch["split"]).to_pylist()
+        for split in present:  # usually one split per batch (a unit is one file or shard): no filter copy
+            part = batch if len(present) == 1 else batch.filter(pc.equal(batch["split"], split))
             writers[split].write(part)
             stats[split].add(part)
     files = {s: w.close() for s, w in writers.items()}
