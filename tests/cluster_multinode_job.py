@@ -97,9 +97,9 @@ def main(work: Path) -> None:
     from ray.cluster_utils import Cluster
 
     import eval as eval_stage
+    import train as train_stage
     from cluster.config import RayConfig
     from eval.config import EvalConfig
-    from train.trainer import run as train_run
 
     make_data(work / "data")
     cluster = Cluster(
@@ -113,7 +113,7 @@ def main(work: Path) -> None:
     ray_cfg = RayConfig(address=cluster.address)
     try:
         t0 = time.monotonic()
-        result["train"] = train_run(train_config(work, "spread"), ray_cfg)
+        result["train"] = train_stage.run(train_config(work, "spread"), ray_cfg)
         result["train_worker_nodes"] = sorted(set(actor_nodes("RayTrainWorker").values()))
         result["train_s"] = time.monotonic() - t0
 
@@ -140,7 +140,7 @@ def main(work: Path) -> None:
         )
         killer.start()
         try:
-            result["train_node_loss"] = train_run(train_config(work, "node-loss"), ray_cfg)
+            result["train_node_loss"] = train_stage.run(train_config(work, "node-loss"), ray_cfg)
         finally:
             done.set()
             killer.join()
