@@ -223,3 +223,14 @@ def test_bad_data_dirs(data, tmp_path):
         run(small_cfg(bad, tmp_path))
     with pytest.raises(ConfigError, match="train.data is required"):
         run(dataclasses.replace(small_cfg(data, tmp_path), data=""))
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_workers(ray_local, data, tmp_path):
+    """strategy: fsdp (torch FSDP2 fully_shard, gloo): trains, validates in lockstep, saves a full model."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    cfg = small_cfg(data, tmp_path, strategy="fsdp", max_steps=4, eval_every=4, ckpt_every=4, log_every=2)
+    summary = run(cfg)
+    assert summary["steps"] == 4 and summary["final"]["val_samples"] == 16
+    assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "final", use_safetensors=True).config.d_model == 128
