@@ -267,3 +267,11 @@ def test_resume_state_roundtrip_continues_identically(tmp_path, tok):
         model(**b).loss.backward()
         o.step()
     assert all(torch.equal(x, y) for x, y in zip(m.parameters(), m2.parameters(), strict=True))
+
+
+def test_plan_cli_prints_the_estimate(capsys):
+    from train.__main__ import main
+
+    assert main(["plan", "--config", "configs/flan-t5-large.yaml", "--strategy", "fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "750.3M parameters" in out and "fsdp on 8 worker(s)" in out and "fits H100 80GB    yes" in out
