@@ -188,11 +188,13 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     if result.error is not None:
         raise result.error
 
-    ranked = sorted(result.best_checkpoints or [], key=lambda cm: (cm[1].get("score", -1e9), cm[1]["step"]))
-    if not ranked:
+    if result.checkpoint is None or not result.metrics:
         raise RuntimeError(f"training finished without a checkpoint in {storage}/{cfg.run_name}")
-    best_ckpt, best_metrics = ranked[-1]
-    final_metrics = max((m for _, m in ranked), key=lambda m: m["step"])
+    # result.metrics / result.checkpoint: the last reported checkpoint (Train V2); best_checkpoints: the
+    # kept ones, which may leave out the latest when it does not rank among the best K.
+    final_metrics = result.metrics
+    candidates = [*(result.best_checkpoints or []), (result.checkpoint, final_metrics)]
+    best_ckpt, best_metrics = max(candidates, key=lambda cm: (cm[1].get("score", -1e9), cm[1]["step"]))
     with best_ckpt.as_directory() as d:
         export_model_dir(d, out / "final")
     wall = time.time() - t_start
