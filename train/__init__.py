@@ -1,6 +1,17 @@
-"""Training stage: `python -m train` / `train.run(cfg, ray_cfg) -> summary dict` (see train/trainer.py)."""
+"""The training stage: `python -m train`, or `train.run(cfg, ray_cfg) -> summary dict` from cluster.run.
 
-from train.config import TrainConfig
-from train.trainer import run
+Imported lazily so that `import train` (e.g. for train.model in cluster.run) does not pull in Ray.
+"""
 
-__all__ = ["TrainConfig", "run"]
+from __future__ import annotations
+
+from typing import Any
+
+
+def run(cfg, ray_cfg=None) -> dict[str, Any]:
+    from train.trainer import run as _run
+
+    return _run(cfg, ray_cfg)
+
+
+__all__ = ["run"]
