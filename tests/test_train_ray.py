@@ -177,7 +177,9 @@ def test_driver_sigkill_then_rerun_resumes(fault_free, data, tmp_path):
 def test_overfit_64_examples_to_exact_match(ray_local, tmp_path):
     """Proves labels, masking, shift and decoding: the tiny model memorizes 64 rows, scored by generation."""
     rows = linear_rows(64, seed=7)
-    data = make_dataset(tmp_path / "data", train_rows=rows, val_rows=rows, files=1)
+    # The 64 rows repeated 8x: still 64 distinct examples, but an epoch is 8 steps, not 1 (each epoch
+    # restarts the Ray Data stream, seconds of overhead that would dominate a 1-step epoch).
+    data = make_dataset(tmp_path / "data", train_rows=rows * 8, val_rows=rows, files=1)
     cfg = TrainConfig(data=str(data), output=str(tmp_path / "out"), model="t5-tiny", precision="fp32",
                       num_workers=1, cpus_per_worker=2, global_batch_size=64, lr=3e-3, min_lr_ratio=1.0,
                       warmup_steps=10, max_steps=90, eval_every=45, ckpt_every=90, eval_samples=64,
