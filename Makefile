@@ -29,8 +29,12 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# CPU benchmarks, each a side-by-side ratio against its baseline; numbers go in bench/RESULTS.md.
+# GPU ones (need a GPU): python -m bench.train_gpu_bench, python -m bench.eval_bench --gpu --rows 10000
 bench: setup
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.pipeline_bench --rows 200000
+	$(BIN)/python -m bench.train_bench
+	$(BIN)/python -m bench.eval_bench
 
 lint: setup
 	$(BIN)/ruff check .

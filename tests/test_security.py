@@ -23,13 +23,29 @@ def test_no_code_path_enables_trust_remote_code():
     assert not offenders, f"trust_remote_code must never be enabled: {offenders}"
 
 
+def _call_args(text: str, start: int) -> str:
+    """The argument text of the call whose '(' is at text[start], up to its balanced ')'."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + 1 : i]
+    return text[start + 1 :]
+
+
+def test_call_args_balances_parentheses():
+    text = 'torch.load(Path(d) / "x.pt", map_location="cpu", weights_only=True)'
+    assert _call_args(text, text.index("(")).endswith("weights_only=True")
+
+
 def test_torch_load_always_weights_only():
     offenders = []
     for p in CODE:
         text = p.read_text()
-        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
-            if "weights_only=True" not in m.group(1):
-                offenders.append(f"{p.relative_to(ROOT)}: {m.group(0)}")
+        for m in re.finditer(r"torch\.load\(", text):
+            args = _call_args(text, m.end() - 1)
+            if "weights_only=True" not in args:
+                offenders.append(f"{p.relative_to(ROOT)}: torch.load({args})")
     assert not offenders, f"torch.load must pass weights_only=True: {offenders}"
 
 
