@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/flan-t5-large.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench lint submit clean
+.PHONY: setup demo test test-cluster test-all test-fast bench lint submit clean
 
 # Creates .venv and installs the project + dev tools from pyproject.toml. Re-runs only when
 # pyproject.toml changes (the stamp), so it is ~instant when already done.
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python -m cluster.run --config configs/demo.yaml
 
-# The whole test suite (CPU, local Ray); GPU tests skip themselves.
+# The test suite (CPU, local Ray); GPU tests skip themselves. The multi-node and `ray job submit`
+# end-to-end runs take 5-10 more minutes on 2 cores: `make test-cluster` (or `make test-all`).
 test: setup
+	$(BIN)/python -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+test-cluster: setup
+	$(BIN)/python -m pytest -m cluster $(PYTEST_ARGS)
+
+test-all: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Unit tests only (no Ray): seconds.

@@ -28,7 +28,7 @@ JOB_TIMEOUT_S = 900
 # the batches it already trained on, so its final loss differs only by float non-associativity.
 LOSS_RTOL = 1e-3
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 @pytest.fixture(scope="module")

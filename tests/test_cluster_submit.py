@@ -188,6 +188,7 @@ TINY_RUN = {
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_end_to_end_job_via_ray_job_submit(local_head, tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "tiny.yaml"
