@@ -11,7 +11,6 @@ atomically: cluster.run treats its presence as "eval done".
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -22,6 +21,7 @@ from typing import Any
 from cluster.config import RayConfig, to_dict
 from eval.config import EvalConfig
 from eval.resolve import EvalError
+from pipeline.write import write_json_atomic
 
 log = logging.getLogger("mathtune.eval")
 
@@ -54,12 +54,6 @@ def _prepare_output(path: str) -> Path:
     except OSError as e:
         raise EvalError(f"output directory {out} is not writable: {e}") from e
     return out
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    os.replace(tmp, path)
 
 
 def _row_keys(questions, answers) -> Counter:
@@ -107,7 +101,7 @@ def _finish(cfg: EvalConfig, out: Path, table, metrics: dict[str, Any], train_di
     pq.write_table(table.select(cols), tmp)
     os.replace(tmp, out / "predictions.parquet")
     write_report(metrics, out, train_dir)
-    _write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
     tf = metrics.get("teacher_forced_exact_match")
     print(
         f"[eval] {metrics['rows_scored']}/{metrics['rows_in']} rows scored: exact match "
