@@ -58,8 +58,13 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Wall seconds and peak RSS (MiB) of a command's whole process tree, sampled every 0.2 s."""
     import psutil
 
+    import tempfile
+
+    # Output goes to a file, not a pipe: a pipe nobody reads until the end fills at 64 KiB (progress bars)
+    # and blocks the measured process forever.
+    log = tempfile.TemporaryFile(mode="w+")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log,
                             stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
     peak = 0
@@ -73,8 +78,10 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
         except psutil.Error:
             pass
         time.sleep(0.2)
-    out = proc.stdout.read()
     wall = time.perf_counter() - t0
+    log.seek(0)
+    out = log.read()
+    log.close()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
     return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak / 2**20), "tail": out.strip().splitlines()[-1:]}
