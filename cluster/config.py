@@ -31,7 +31,7 @@ class RayConfig:
     """How a stage reaches Ray. Empty address = start a local Ray sized for this machine."""
 
     address: str | None = None
-    """Ray address ("auto", "ray://head:10001", "127.0.0.1:6379"). Falls back to $RAY_ADDRESS."""
+    """Ray address ("auto", "ray://head:10001", "127.0.0.1:6379"; "local" = start one here). Falls back to $RAY_ADDRESS."""
     num_cpus: int | None = None
     """Logical CPUs of a *local* Ray. Default max(4, cores): on a 2-core box Ray Train workers and Ray Data
     tasks must both get a CPU slot, or the data feeding the trainer never runs (see shared/NOTES.md)."""

@@ -1,6 +1,6 @@
 """Where the work meets Ray: connect (or start a right-sized local Ray) and check resources up front.
 
-- No address and no $RAY_ADDRESS: start a local Ray. On a small machine its logical CPUs are raised to at
+- No address (or "local") and no $RAY_ADDRESS: start a local Ray. On a small machine its logical CPUs are raised to at
   least 4, because a TorchTrainer whose workers hold every CPU leaves Ray Data none to feed them and the
   run waits forever (measured on 2 cores, shared/NOTES.md).
 - `--address` / $RAY_ADDRESS (set by `ray job submit` for the driver): connect to that cluster.
@@ -39,7 +39,7 @@ def init_ray(cfg: RayConfig | None = None, **runtime_env_vars: str) -> None:
     # and is only read by huggingface_hub where it is needed).
     env_vars = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"), **runtime_env_vars}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":  # "local" = start one here, sized as below
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
         return

@@ -86,3 +86,22 @@ def test_every_shipped_config_loads():
     for path in configs:
         assert path.read_text().lstrip().startswith("#"), f"{path.name} must open with the command that runs it"
         build_plan(str(path), {})
+
+
+@pytest.mark.parametrize("address", [None, "local"])
+def test_local_ray_is_sized_for_a_small_machine(monkeypatch, address):
+    """No address and "local" both start a local Ray with >= 4 logical CPUs (2 cores: trainer workers and
+    Ray Data tasks both need a slot); any other address connects without sizing."""
+    import ray
+
+    from cluster.config import RayConfig
+    from cluster.connect import MIN_LOCAL_CPUS, init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_ray(RayConfig(address=address))
+    init_ray(RayConfig(address="ray://head:10001"))
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] >= MIN_LOCAL_CPUS
+    assert calls[1]["address"] == "ray://head:10001" and "num_cpus" not in calls[1]
