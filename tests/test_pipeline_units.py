@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -141,6 +142,17 @@ def test_tokenize_batch_matches_tokenizer_call():
     assert out["attention_mask"].to_pylist() == [[1] * len(tok(q)["input_ids"]) for q in qs]
     assert out["input_ids"].type == pa.list_(pa.int32())
     assert out["reject"].to_pylist() == [None, None] and out["question_raw"].null_count == 2
+
+
+def test_repeated_answers_are_encoded_once_and_match_the_tokenizer():
+    """Answers repeat (a few hundred distinct per 50k rows): encoded once each, gathered back in order."""
+    tok = load_tokenizer("char")
+    ans = ["2", "-3", "2", "2", "7", "-3", "2", "10"]
+    qs = [f"Solve x = {i} for x." for i in range(len(ans))]
+    out = _tokenize(qs, ans)
+    assert out["labels"].to_pylist() == [tok(a)["input_ids"] for a in ans]
+    assert out["reject"].to_pylist() == [None] * len(ans)
+    assert pc.list_value_length(out["labels"]).to_pylist() == [len(tok(a)["input_ids"]) for a in ans]
 
 
 def test_tokenize_batch_rejects_unknown_chars_and_long_inputs():
