@@ -275,3 +275,24 @@ def test_plan_cli_prints_the_estimate(capsys):
     assert main(["plan", "--config", "configs/flan-t5-large.yaml", "--strategy", "fsdp"]) == 0
     out = capsys.readouterr().out
     assert "750.3M parameters" in out and "fsdp on 8 worker(s)" in out and "fits H100 80GB    yes" in out
+
+
+def test_train_data_with_missing_mistyped_or_corrupt_columns_is_refused_before_ray(tmp_path):
+    """The driver checks the splits' schema from the Parquet footers (no Ray Data job) and names the problem."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from train.trainer import DataError, open_split
+
+    (tmp_path / "train").mkdir()
+    pq.write_table(pa.table({"input_ids": [[5, 1]], "label": [[6, 1]]}), tmp_path / "train" / "a.parquet")
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['labels'\]; it has \['input_ids', 'label'\]"):
+        open_split(str(tmp_path), "train", ["input_ids", "labels"])
+    pq.write_table(pa.table({"input_ids": ["5 1"], "labels": [[6, 1]]}), tmp_path / "train" / "a.parquet")
+    with pytest.raises(DataError, match="column input_ids must be a list of token ids, got string"):
+        open_split(str(tmp_path), "train", ["input_ids", "labels"])
+    (tmp_path / "train" / "a.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="cannot read its Parquet files"):
+        open_split(str(tmp_path), "train", ["input_ids", "labels"])
+    pq.write_table(pa.table({"input_ids": [[5, 1]] * 3, "labels": [[6, 1]] * 3}), tmp_path / "train" / "a.parquet")
+    assert open_split(str(tmp_path), "train", ["input_ids", "labels"]).count_rows() == 3

@@ -97,6 +97,8 @@ class TrainConfig:
     sharded across workers) for models that don't fit one device."""
     pad_to_multiple_of: int = 8
     """Dynamic padding of each batch to a multiple of this (tensor-core friendly)."""
+    shuffle_buffer: int = 4
+    """Local shuffle buffer of each worker, in micro batches (seeded per epoch; 0 = read order)."""
 
     # --- memory planner (python -m train plan) ---
     plan_source_len: int = 128
@@ -115,8 +117,8 @@ class TrainConfig:
         for k, v in pos.items():
             if v < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {v}")
-        if self.eval_samples < 0 or self.warmup_steps < 0 or self.max_failures < 0:
-            raise ConfigError("train.eval_samples, warmup_steps and max_failures must be >= 0")
+        if self.eval_samples < 0 or self.warmup_steps < 0 or self.max_failures < 0 or self.shuffle_buffer < 0:
+            raise ConfigError("train.eval_samples, warmup_steps, max_failures and shuffle_buffer must be >= 0")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:

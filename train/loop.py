@@ -215,7 +215,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             n = 0
             for i, b in enumerate(shard.iter_torch_batches(
                 batch_size=cfg.micro_batch, collate_fn=collator, drop_last=True,
-                local_shuffle_buffer_size=4 * cfg.micro_batch, local_shuffle_seed=cfg.seed + epoch,
+                local_shuffle_buffer_size=cfg.shuffle_buffer * cfg.micro_batch or None,
+                local_shuffle_seed=cfg.seed + epoch,
             )):
                 n += 1
                 if i < skip:  # resume: replay the order, skip what was already trained on

@@ -51,19 +51,26 @@ def check_data(data: str) -> None:
             raise DataError(f"{d / split} holds no .parquet files (expected the pipeline's {split} split)")
 
 
-def check_columns(ds, columns: list[str], where: str) -> None:
+def open_split(data: str, split: str, columns: list[str]):
+    """The split as a pyarrow dataset, its schema checked against the contract. Driver-side metadata only:
+    no Ray Data job (on a small machine each one costs seconds of worker start-up before training)."""
     import pyarrow as pa
+    import pyarrow.dataset as pads
 
-    schema = ds.schema()
-    names = set(schema.names)
+    where = os.path.join(data, split)
+    try:
+        ds = pads.dataset(where, format="parquet")
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{where}: cannot read its Parquet files ({e})") from e
+    names = set(ds.schema.names)
     missing = [c for c in columns if c not in names]
     if missing:
         raise DataError(f"{where} lacks column(s) {missing}; it has {sorted(names)} (see the pipeline contract)")
-    types = dict(zip(schema.names, schema.types, strict=True))
     for c in ("input_ids", "labels"):
-        t = types.get(c)
-        if isinstance(t, pa.DataType) and not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        t = ds.schema.field(c).type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
             raise DataError(f"{where}: column {c} must be a list of token ids, got {t}")
+    return ds
 
 
 def check_writable(path: str, what: str) -> None:
@@ -142,17 +149,15 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     check_existing_checkpoints(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
 
     init_ray(ray_cfg)
-    train_ds = ray.data.read_parquet(os.path.join(cfg.data, "train"), columns=TRAIN_COLUMNS)
-    check_columns(train_ds, TRAIN_COLUMNS, f"{cfg.data}/train")
-    datasets = {"train": train_ds}
-    if cfg.eval_samples:
-        val_ds = ray.data.read_parquet(os.path.join(cfg.data, "validation"), columns=VAL_COLUMNS)
-        check_columns(val_ds, VAL_COLUMNS, f"{cfg.data}/validation")
-        # A fixed, bounded subset, materialized once: every validation scores the same rows.
-        datasets["validation"] = val_ds.limit(cfg.eval_samples).materialize()
-    train_rows = train_ds.count()
+    train_files = open_split(cfg.data, "train", TRAIN_COLUMNS)
+    train_rows = train_files.count_rows()  # from the Parquet footers
     if train_rows < cfg.global_batch_size:
         raise DataError(f"the train split has {train_rows} rows, fewer than one global batch ({cfg.global_batch_size})")
+    datasets = {"train": ray.data.read_parquet(train_files.files, columns=TRAIN_COLUMNS)}
+    if cfg.eval_samples:
+        # A fixed, bounded subset, read once on the driver: every validation scores the same rows.
+        val = open_split(cfg.data, "validation", VAL_COLUMNS).head(cfg.eval_samples, columns=VAL_COLUMNS)
+        datasets["validation"] = ray.data.from_arrow(val)
     max_steps = resolve_max_steps(cfg, train_rows)
 
     per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
