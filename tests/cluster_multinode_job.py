@@ -29,13 +29,16 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 WORKER_NODE = {"num_cpus": 2, "object_store_memory": 150 * 2**20}
 NODE_LOSS_TIMEOUT_S = 240
+# Long enough that the run is still going when the killer sees the first checkpoint registered (the
+# controller records it at its next poll, ~2 s after the report): 20 more steps are seconds of work.
+MAX_STEPS = 24
 
 
 def make_data(data: Path) -> None:
     """A pipeline-format output (train/validation/test + tokenizer + manifest), built without Ray."""
     from eval_fixtures import char_tokenizer, make_rows, write_split
 
-    write_split(data, "train", make_rows(256, seed=1), files=4)
+    write_split(data, "train", make_rows(512, seed=1), files=4)
     write_split(data, "validation", make_rows(32, seed=2), files=1)
     write_split(data, "test", make_rows(48, seed=3), files=2)
     char_tokenizer().save_pretrained(data / "tokenizer")
@@ -48,19 +51,21 @@ def train_config(work: Path, run_name: str):
     return TrainConfig(
         data=str(work / "data"), output=str(work / run_name), storage_path=str(work / "storage"),
         run_name=run_name, model="t5-tiny", precision="fp32", num_workers=2, cpus_per_worker=2, torch_threads=1,
-        global_batch_size=16, max_steps=8, warmup_steps=2, eval_every=4, ckpt_every=4, eval_samples=8,
+        global_batch_size=16, max_steps=MAX_STEPS, warmup_steps=2, eval_every=4, ckpt_every=4, eval_samples=8,
         eval_batch_size=8, log_every=4, keep_best_k=2, max_failures=1, seed=0,
     )
 
 
-def actor_nodes(class_fragment: str) -> dict[str, str]:
-    """actor id -> node id of every actor (alive or dead) whose class name contains class_fragment."""
+def actor_nodes(class_fragment: str, alive_only: bool = False) -> dict[str, str]:
+    """actor id -> node id of every actor (alive or dead, unless alive_only) whose class name contains
+    class_fragment."""
     import ray
 
     return {
         actor_id: info["Address"]["NodeID"]
         for actor_id, info in ray._private.state.actors().items()
         if class_fragment in info["ActorClassName"] and info["Address"]["NodeID"]
+        and (not alive_only or info["State"] == "ALIVE")
     }
 
 
@@ -85,9 +90,15 @@ def remove_a_training_node(cluster, nodes_by_id: dict, run_dir: Path, done: thre
     if not registered:
         log["error"] = "no checkpoint was registered before training ended"
         return
-    alive = {a: n for a, n in actor_nodes("RayTrainWorker").items() if n in nodes_by_id}
+    # Only this run's live workers: the fault-free run's dead workers sat on other nodes, and removing a
+    # node that holds no training worker is no fault at all.
+    alive = {a: n for a, n in actor_nodes("RayTrainWorker", alive_only=True).items() if n in nodes_by_id}
+    if not alive:
+        log["error"] = "no live training worker on a removable node"
+        return
     victim_id = sorted(set(alive.values()))[0]
     log["checkpoints_before_removal"] = registered
+    log["train_worker_nodes"] = sorted(set(alive.values()))
     log["removed_node"] = victim_id
     cluster.remove_node(nodes_by_id.pop(victim_id), allow_graceful=False)
 
