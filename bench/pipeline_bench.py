@@ -56,13 +56,13 @@ print("rows", sum(len(ds[s]) for s in ds))
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Wall seconds and peak RSS (MiB) of a command's whole process tree, sampled every 0.2 s."""
-    import psutil
-
     import tempfile
+
+    import psutil
 
     # Output goes to a file, not a pipe: a pipe nobody reads until the end fills at 64 KiB (progress bars)
     # and blocks the measured process forever.
-    log = tempfile.TemporaryFile(mode="w+")
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - read back and closed below
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log,
                             stderr=subprocess.STDOUT, text=True)

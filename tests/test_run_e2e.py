@@ -1,5 +1,6 @@
 """The end-to-end job as a user runs it (`python -m cluster.run`, a fresh process with its own local
-Ray), on a tiny config: every stage's output, resume-by-skipping on a rerun, and no secret leaks."""
+Ray), on a tiny config: the driver is killed mid-training and the same command rerun resumes (issue 6,
+fault 5); then every stage's output, a third run that skips everything, and no secret leaks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -33,11 +35,11 @@ train:
   precision: fp32
   global_batch_size: 16
   warmup_steps: 2
-  max_steps: 6
-  eval_every: 3
-  ckpt_every: 3
+  max_steps: 24
+  eval_every: 4
+  ckpt_every: 4
   eval_samples: 16
-  log_every: 2
+  log_every: 4
 eval:
   batch_size: 32
 """
@@ -53,33 +55,81 @@ def _run(config: Path, env: dict) -> str:
     return out
 
 
+def _committed_checkpoints(train_out: Path) -> list[str]:
+    """Checkpoints Ray Train's controller has registered (what a restarted run resumes from)."""
+    for snap in train_out.glob("ray/*/checkpoint_manager_snapshot.json"):
+        try:
+            return [c["checkpoint_dir_name"] for c in json.loads(snap.read_text())["checkpoint_results"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+    return []
+
+
+def _metrics(train_out: Path) -> list[dict]:
+    return [json.loads(line) for line in (train_out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 @pytest.mark.slow
-def test_end_to_end_job_outputs_resume_and_no_token_leak(tmp_path):
+def test_end_to_end_job_driver_kill_resume_outputs_and_no_token_leak(tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY.format(out=out))
     env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    train_out = out / "train"
 
-    log = _run(config, env)
+    # 1. Kill the driver (and with it its local Ray) once training has a committed checkpoint.
+    with open(tmp_path / "first.log", "w") as first_log:
+        p = subprocess.Popen([sys.executable, "-m", "cluster.run", "--config", str(config)], cwd=ROOT, env=env,
+                             stdout=first_log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 420
+            while not _committed_checkpoints(train_out) and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert p.poll() is None, "the first run ended before it could be killed:\n" + \
+                (tmp_path / "first.log").read_text()[-3000:]
+            assert _committed_checkpoints(train_out), "no checkpoint was committed within 420 s"
+            p.kill()
+            p.wait(30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    log1 = (tmp_path / "first.log").read_text()
+    kept_before = {d.name: d.stat().st_mtime for d in train_out.glob("ray/*/step_*")}
+    assert not (out / "run_summary.json").exists()
+
+    # 2. The same command: finished stages are skipped, training resumes from its checkpoint.
+    log2 = _run(config, env)
+    assert log2.count("already complete, skipped") == 2, log2[-3000:]  # pipeline, eval-before
+    events = _metrics(train_out)
+    resumes = [e["step"] for e in events if e.get("event") == "resume"]
+    starts = [e["step"] for e in events if e.get("event") == "start"]
+    assert resumes and resumes[0] >= 4, events
+    assert starts[0] == 0 and len(starts) >= 2 and all(s >= 4 for s in starts[1:])  # from scratch once only
+    assert sorted(e["step"] for e in events if "loss" in e) == list(range(4, 25, 4))  # each step logged once
+    for name, mtime in kept_before.items():  # the first run's checkpoints were not rewritten
+        d = next(train_out.glob(f"ray/*/{name}"), None)
+        assert d is None or d.stat().st_mtime == mtime
+
     summary = json.loads((out / "run_summary.json").read_text())
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert manifest["rows_in"] == 640 == manifest["rows_kept"] + manifest["rows_rejected"]
-    assert summary["train"]["steps"] == 6
+    assert summary["train"]["steps"] == 24 and summary["train"]["samples"] == 24 * 16
     test_rows = pq.read_table(out / "data" / "test").num_rows
     for stage in ("eval-before", "eval-after"):
         preds = pq.read_table(out / stage / "predictions.parquet")
         assert preds.num_rows == test_rows  # every test row scored once, before and after training
-    assert (out / "train" / "final" / "model.safetensors").is_file()
-    assert "exact match" in log and str(out / "train" / "final") in log
+    assert (train_out / "final" / "model.safetensors").is_file()
+    assert "exact match" in log2 and str(train_out / "final") in log2
 
-    # A rerun of the same command finds every stage complete and redoes nothing.
-    log2 = _run(config, env)
-    assert log2.count("already complete, skipped") == 4, log2[-3000:]
+    # 3. A third run finds every stage complete and redoes nothing.
+    log3 = _run(config, env)
+    assert log3.count("already complete, skipped") == 4, log3[-3000:]
 
     # The token was in the job's environment the whole time; it must appear in no output and no log.
     leaks = [str(p) for p in out.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
     assert not leaks, leaks
-    assert FAKE_TOKEN not in log + log2
+    assert FAKE_TOKEN not in log1 + log2 + log3
 
 
 def test_plan_rejects_unknown_sections_and_bad_keys(tmp_path):
