@@ -2,9 +2,10 @@
 
 Tiny configs share flan-t5's architecture (T5ForConditionalGeneration, gated-GELU feed-forward, relative
 position buckets, pad=decoder start=0, eos=1) so every code path the demo exercises is the one
-flan-t5-large takes. Note: transformers 5 always ties T5's LM head to the shared embedding (T5Config
+flan-t5-large takes. Note: transformers 5 ties the LM head of a T5 built from a config (T5Config
 forces tie_word_embeddings=True and reads a passed False only as "T5 v1.1/flan: don't scale decoder
-outputs"), so an untied head cannot be built with this transformers.
+outputs"), so a model built from a config is tied. (A checkpoint whose lm_head.weight differs from shared.weight,
+as flan-t5's does, still loads untied: from_pretrained keeps them apart.)
 Checkpoints load from safetensors only and never with remote code.
 """
 

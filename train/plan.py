@@ -77,7 +77,8 @@ def count_params(a: dict[str, Any]) -> tuple[int, int]:
     bias = a.get("relative_attention_num_buckets", 32) * h  # first block of each stack
     # transformers 5 always ties T5's LM head to the shared embedding (T5Config forces
     # tie_word_embeddings=True; the saved False only turns off decoder output scaling), so flan-t5-large
-    # instantiates 750M parameters, not the 783M of its original untied checkpoint.
+    # built from its config has 750M parameters. Its checkpoint (lm_head != shared) loads untied, 783M:
+    # this count leaves out that head (issue #3).
     head = 0
     total = (a["vocab_size"] * d + head + a["num_layers"] * enc_block + a["num_decoder_layers"] * dec_block
              + 2 * bias + 2 * d)
