@@ -62,26 +62,25 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
 
     # Output goes to a file, not a pipe: a pipe nobody reads until the end fills at 64 KiB (progress bars)
     # and blocks the measured process forever.
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - read back and closed below
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            rss = ps.memory_info().rss
-            for child in ps.children(recursive=True):
-                with contextlib.suppress(psutil.Error):  # a child may exit between listing and reading
-                    rss += child.memory_info().rss
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
-    wall = time.perf_counter() - t0
-    log.seek(0)
-    out = log.read()
-    log.close()
+    with tempfile.TemporaryFile(mode="w+") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+        ps = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                rss = ps.memory_info().rss
+                for child in ps.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):  # a child may exit between listing and reading
+                        rss += child.memory_info().rss
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        out = log.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
     return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak / 2**20), "tail": out.strip().splitlines()[-1:]}

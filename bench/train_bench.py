@@ -1,7 +1,7 @@
 """Ray Train overhead on CPU: `train.run` with 2 Ray workers x 1 thread vs a plain single-process PyTorch
 loop with 2 threads, same model (t5-tiny, fp32), data, global batch and steps, in one run.
 
-    .venv/bin/python -m bench.train_bench [--steps 60] [--rows 8192]
+    .venv/bin/python -m bench.train_bench [--steps 100] [--rows 16384]
 
 Both numbers are training samples/s over the optimizer steps only (data fetching included; Ray start-up,
 validation and checkpointing excluded), reported twice: over all steps, and in steady state (after the
@@ -24,7 +24,7 @@ import torch
 WARM = 10  # steps excluded from the steady-state numbers (and the Ray run's log interval)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from train_fixtures import make_dataset  # noqa: E402  (the contract-format tiny dataset writer)
+from train_fixtures import make_dataset, read_metrics  # noqa: E402  (contract-format data; run outputs)
 
 
 def plain_loop(data: Path, steps: int, batch: int, threads: int, lr: float = 3e-3) -> float:
@@ -78,8 +78,7 @@ def main() -> None:
         plain, plain_steady = plain_loop(data, args.steps, args.batch, threads=2)
         summary = ray_run(data, Path(tmp) / "out", args.steps, args.batch)
         # Interval throughput from the run's own log lines (wall time between them, eval/ckpt excluded).
-        lines = [json.loads(x) for x in (Path(tmp) / "out" / "metrics.jsonl").read_text().splitlines()]
-        steady = [m["samples_per_s"] for m in lines if "loss" in m and m["step"] > WARM]
+        steady = [m["samples_per_s"] for m in read_metrics(Path(tmp) / "out") if "loss" in m and m["step"] > WARM]
         ray_steady = len(steady) / sum(1 / x for x in steady)  # equal-sized intervals: harmonic mean
     result = {
         "plain_samples_per_s": round(plain, 1),

@@ -69,21 +69,13 @@ def actor_nodes(class_fragment: str, alive_only: bool = False) -> dict[str, str]
     }
 
 
-def registered_checkpoints(run_dir: Path) -> list[str]:
-    """Checkpoints Ray Train's controller has recorded (and so hands to restarted workers). A step_* dir
-    appears earlier, while it is still being written: a fault then restarts from the one before."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
-
-
 def remove_a_training_node(cluster, nodes_by_id: dict, run_dir: Path, done: threading.Event, log: dict) -> None:
     """Wait for the run's first checkpoint, then kill the node of one training worker. (Runs in a thread;
     adding a node must happen in the main thread: Ray's Node registers signal handlers.)"""
+    from train_fixtures import committed_checkpoints
+
     deadline = time.monotonic() + NODE_LOSS_TIMEOUT_S
-    while not (registered := registered_checkpoints(run_dir)) and time.monotonic() < deadline:
+    while not (registered := committed_checkpoints(run_dir)) and time.monotonic() < deadline:
         if done.is_set():
             break
         time.sleep(0.2)
@@ -96,9 +88,10 @@ def remove_a_training_node(cluster, nodes_by_id: dict, run_dir: Path, done: thre
     if not alive:
         log["error"] = "no live training worker on a removable node"
         return
-    victim_id = sorted(set(alive.values()))[0]
+    train_nodes = sorted(set(alive.values()))
+    victim_id = train_nodes[0]
     log["checkpoints_before_removal"] = registered
-    log["train_worker_nodes"] = sorted(set(alive.values()))
+    log["train_worker_nodes"] = train_nodes
     log["removed_node"] = victim_id
     cluster.remove_node(nodes_by_id.pop(victim_id), allow_graceful=False)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from cluster_procs import processes_of, stop_processes
+from train_fixtures import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 900
@@ -57,10 +58,6 @@ def multinode():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def loss_at(entries: list[dict], step: int) -> float:
     (loss,) = [e["loss"] for e in entries if e.get("step") == step and "loss" in e]
     return loss
@@ -77,7 +74,7 @@ def test_training_checkpoints_to_the_shared_storage_path(multinode):
     summary = r["train"]
     assert summary["storage_path"] == str(work / "storage")
     assert Path(summary["best_checkpoint"]).parent == work / "storage" / "spread"
-    steps = [e["step"] for e in metrics(work / "spread" / "metrics.jsonl") if "loss" in e]
+    steps = [e["step"] for e in read_metrics(work / "spread") if "loss" in e]
     assert steps[-1] == summary["max_steps"] == 24
 
 
@@ -96,7 +93,7 @@ def test_removing_a_worker_node_mid_training_resumes_from_the_last_checkpoint(mu
     assert fault["removed_node"] in fault["train_worker_nodes"], "the removed node held no training worker"
     assert fault["checkpoints_before_removal"], "the node was removed before any checkpoint existed"
 
-    entries = metrics(work / "node-loss" / "metrics.jsonl")
+    entries = read_metrics(work / "node-loss")
     resumes = [e for e in entries if e.get("event") == "resume"]
     assert resumes, "the run did not resume from a checkpoint after losing a node"
     assert resumes[0]["step"] >= 4
@@ -104,7 +101,7 @@ def test_removing_a_worker_node_mid_training_resumes_from_the_last_checkpoint(mu
     assert steps[-1] == r["train_node_loss"]["max_steps"] == 24, "the run must end at the planned step"
 
     # Same outcome as the fault-free run of the same config.
-    reference = metrics(work / "spread" / "metrics.jsonl")
+    reference = read_metrics(work / "spread")
     assert loss_at(entries, 24) == pytest.approx(loss_at(reference, 24), rel=LOSS_RTOL)
 
 

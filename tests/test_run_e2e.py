@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,6 +15,9 @@ import pytest
 
 from cluster.config import ConfigError
 from cluster.run import build_plan, format_summary
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import committed_checkpoints, read_metrics, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefLEAKCHECK"
@@ -55,20 +57,6 @@ def _run(config: Path, env: dict) -> str:
     return out
 
 
-def _committed_checkpoints(train_out: Path) -> list[str]:
-    """Checkpoints Ray Train's controller has registered (what a restarted run resumes from)."""
-    for snap in train_out.glob("ray/*/checkpoint_manager_snapshot.json"):
-        try:
-            return [c["checkpoint_dir_name"] for c in json.loads(snap.read_text())["checkpoint_results"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            return []
-    return []
-
-
-def _metrics(train_out: Path) -> list[dict]:
-    return [json.loads(line) for line in (train_out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 @pytest.mark.slow
 def test_end_to_end_job_driver_kill_resume_outputs_and_no_token_leak(tmp_path):
     out = tmp_path / "run"
@@ -77,39 +65,38 @@ def test_end_to_end_job_driver_kill_resume_outputs_and_no_token_leak(tmp_path):
     env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     train_out = out / "train"
+    run_dir = train_out / "ray" / "train"  # Ray Train's storage for the run: <train.output>/ray/<run_name>
 
     # 1. Kill the driver (and with it its local Ray) once training has a committed checkpoint.
     with open(tmp_path / "first.log", "w") as first_log:
         p = subprocess.Popen([sys.executable, "-m", "cluster.run", "--config", str(config)], cwd=ROOT, env=env,
                              stdout=first_log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 420
-            while not _committed_checkpoints(train_out) and p.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_for(lambda: committed_checkpoints(run_dir) or p.poll() is not None, 420,
+                     "the first committed checkpoint")
             assert p.poll() is None, "the first run ended before it could be killed:\n" + \
                 (tmp_path / "first.log").read_text()[-3000:]
-            assert _committed_checkpoints(train_out), "no checkpoint was committed within 420 s"
             p.kill()
             p.wait(30)
         finally:
             if p.poll() is None:
                 p.kill()
     log1 = (tmp_path / "first.log").read_text()
-    kept_before = {d.name: d.stat().st_mtime for d in train_out.glob("ray/*/step_*")}
+    kept_before = {d.name: d.stat().st_mtime for d in run_dir.glob("step_*")}
     assert not (out / "run_summary.json").exists()
 
     # 2. The same command: finished stages are skipped, training resumes from its checkpoint.
     log2 = _run(config, env)
     assert log2.count("already complete, skipped") == 2, log2[-3000:]  # pipeline, eval-before
-    events = _metrics(train_out)
+    events = read_metrics(train_out)
     resumes = [e["step"] for e in events if e.get("event") == "resume"]
     starts = [e["step"] for e in events if e.get("event") == "start"]
     assert resumes and resumes[0] >= 4, events
     assert starts[0] == 0 and len(starts) >= 2 and all(s >= 4 for s in starts[1:])  # from scratch once only
     assert sorted(e["step"] for e in events if "loss" in e) == list(range(4, 25, 4))  # each step logged once
     for name, mtime in kept_before.items():  # the first run's checkpoints were not rewritten
-        d = next(train_out.glob(f"ray/*/{name}"), None)
-        assert d is None or d.stat().st_mtime == mtime
+        d = run_dir / name
+        assert not d.exists() or d.stat().st_mtime == mtime
 
     summary = json.loads((out / "run_summary.json").read_text())
     manifest = json.loads((out / "data" / "manifest.json").read_text())

@@ -22,7 +22,7 @@ from train.model import ModelError
 from train.trainer import DataError, run
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import linear_rows, make_dataset  # noqa: E402
+from train_fixtures import committed_checkpoints, linear_rows, make_dataset, read_metrics, wait_for  # noqa: E402
 
 # Same loss curve: same seed, config and worker count on CPU replay the same batches in the same order
 # (preserve_order data splitting) and the same gloo reductions; observed differences are ~1e-7.
@@ -43,34 +43,14 @@ def small_cfg(data: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def read_metrics(out: Path) -> list[dict]:
-    p = out / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
-
-
 def loss_curve(out: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
 
 
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def committed(out: Path, step: int) -> bool:
-    """Ray's controller has registered the checkpoint of `step` (it polls workers every ~2 s; a checkpoint
-    reported but not yet registered when a worker dies is not resumed from)."""
-    snap = out / "ray" / "train" / "checkpoint_manager_snapshot.json"
-    try:
-        latest = json.loads(snap.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return latest >= f"step_{step:07d}"
+    """Ray's controller has registered a checkpoint at `step` or later (one reported but not yet
+    registered when a worker dies is not resumed from)."""
+    return any(name >= f"step_{step:07d}" for name in committed_checkpoints(out / "ray" / "train"))
 
 
 def assert_outputs_load(out: Path, cfg: TrainConfig, steps: int) -> dict:

@@ -1,4 +1,5 @@
-"""Tiny datasets in the pipeline's output contract, for training tests (no generator, no Ray needed).
+"""Tiny datasets in the pipeline's output contract, for training tests (no generator, no Ray needed), and
+readers of what a training run leaves behind (metrics.jsonl, Ray Train's committed checkpoints).
 
 Rows look like algebra__linear_1d ("Solve 3*x + 4 = 10 for x." -> "2"), tokenized with the built-in
 char tokenizer; the directory layout, columns and manifest are the contract's.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -61,3 +63,32 @@ def make_dataset(root: Path, n_train: int = 256, n_val: int = 64, seed: int = 0,
     tok.save_pretrained(root / "tokenizer")
     (root / "manifest.json").write_text(json.dumps({"complete": True, "rows": {"train": len(train_rows)}}))
     return root
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The entries of <train output>/metrics.jsonl ([] before the run writes any)."""
+    p = Path(out) / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def committed_checkpoints(run_dir: Path) -> list[str]:
+    """Checkpoint dirs Ray Train's controller has registered for a run (<storage_path>/<run_name>): what a
+    restarted run resumes from. It registers at its next poll of the workers (~2 s); a step_* dir exists
+    earlier, while being written, and a fault then resumes from the checkpoint before."""
+    try:
+        snap = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    results = [*snap.get("checkpoint_results", []), snap.get("latest_checkpoint_result") or {}]
+    return sorted({r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")})
+
+
+def wait_for(pred, timeout: float, what: str):
+    """Poll pred() every 0.1 s until it is truthy (returned), or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
