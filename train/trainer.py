@@ -46,20 +46,20 @@ def check_data(data: str) -> None:
             complete = False
         if not complete:
             raise DataError(f"{manifest} does not say complete: the pipeline run that wrote {d} did not finish")
-    for split in ("train", "validation"):
-        if not any((d / split).glob("*.parquet")):
-            raise DataError(f"{d / split} holds no .parquet files (expected the pipeline's {split} split)")
 
 
 def open_split(data: str, split: str, columns: list[str]):
-    """The split as a pyarrow dataset, its schema checked against the contract. Driver-side metadata only:
-    no Ray Data job (on a small machine each one costs seconds of worker start-up before training)."""
+    """The split's Parquet files as a pyarrow dataset, its schema checked against the contract. Driver-side
+    metadata only: no Ray Data job (on a small machine each one costs seconds of worker start-up)."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
     where = os.path.join(data, split)
+    files = sorted(str(p) for p in Path(where).glob("*.parquet"))
+    if not files:
+        raise DataError(f"{where} holds no .parquet files (expected the pipeline's {split} split)")
     try:
-        ds = pads.dataset(where, format="parquet")
+        ds = pads.dataset(files, format="parquet")
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{where}: cannot read its Parquet files ({e})") from e
     names = set(ds.schema.names)
@@ -147,18 +147,18 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     storage = cfg.resolved_storage_path()
     check_writable(storage, "train.storage_path")
     check_existing_checkpoints(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-
-    init_ray(ray_cfg)
     train_files = open_split(cfg.data, "train", TRAIN_COLUMNS)
+    val_files = open_split(cfg.data, "validation", VAL_COLUMNS)
     train_rows = train_files.count_rows()  # from the Parquet footers
     if train_rows < cfg.global_batch_size:
         raise DataError(f"the train split has {train_rows} rows, fewer than one global batch ({cfg.global_batch_size})")
+    max_steps = resolve_max_steps(cfg, train_rows)
+
+    init_ray(ray_cfg)
     datasets = {"train": ray.data.read_parquet(train_files.files, columns=TRAIN_COLUMNS)}
     if cfg.eval_samples:
         # A fixed, bounded subset, read once on the driver: every validation scores the same rows.
-        val = open_split(cfg.data, "validation", VAL_COLUMNS).head(cfg.eval_samples, columns=VAL_COLUMNS)
-        datasets["validation"] = ray.data.from_arrow(val)
-    max_steps = resolve_max_steps(cfg, train_rows)
+        datasets["validation"] = ray.data.from_arrow(val_files.head(cfg.eval_samples, columns=VAL_COLUMNS))
 
     per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     require_resources(
