@@ -75,7 +75,7 @@ def count_params(a: dict[str, Any]) -> tuple[int, int]:
     enc_block = attn + ffn + 2 * d
     dec_block = 2 * attn + ffn + 3 * d
     bias = a.get("relative_attention_num_buckets", 32) * h  # first block of each stack
-    # transformers 5 always ties T5's LM head to the shared embedding (T5Config forces
+    # transformers 5 ties the LM head of a T5 built from a config to the shared embedding (T5Config forces
     # tie_word_embeddings=True; the saved False only turns off decoder output scaling), so flan-t5-large
     # built from its config has 750M parameters. Its checkpoint (lm_head != shared) loads untied, 783M:
     # this count leaves out that head (issue #3).
