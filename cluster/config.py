@@ -39,6 +39,10 @@ class RayConfig:
     """GPUs of a local Ray (default: what Ray detects)."""
     object_store_memory_gb: float | None = None
     """Object store size of a local Ray (default: Ray's, 30% of RAM)."""
+    dashboard: bool = True
+    """Start Ray's dashboard with a *local* Ray (Ray's own default; http://127.0.0.1:8265). It also serves
+    the state API that Ray Train's placement-group cleaner polls every second: without it the run logs
+    "Failed to query Ray Train Controller actor state" once a second. Off saves ~3 s of start-up."""
     resource_timeout_s: float = 0.0
     """How long to wait for an autoscaling cluster to grow to the requested resources before failing.
     0 = decide now from what the cluster has (right for a local Ray, which never grows)."""

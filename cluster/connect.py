@@ -53,7 +53,7 @@ def init_ray(cfg: RayConfig | None = None, **runtime_env_vars: str) -> None:
         num_cpus=num_cpus,
         num_gpus=cfg.num_gpus,
         object_store_memory=store,
-        include_dashboard=False,
+        include_dashboard=cfg.dashboard,
         runtime_env={"env_vars": env_vars},
         log_to_driver=True,
     )

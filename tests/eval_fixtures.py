@@ -25,6 +25,8 @@ def make_tiny_model(path: Path, seed: int = 0, d_model: int = 32) -> Path:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
+    from train.model import untie_lm_head
+
     tok = char_tokenizer()
     torch.manual_seed(seed)
     config = T5Config(
@@ -40,15 +42,14 @@ def make_tiny_model(path: Path, seed: int = 0, d_model: int = 32) -> Path:
         decoder_start_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
-    model = T5ForConditionalGeneration(config).eval()
-    with torch.no_grad():
+    model = untie_lm_head(T5ForConditionalGeneration(config)).eval()  # flan-t5's layout: silencing the
+    with torch.no_grad():  # head below must not zero the input embedding of those characters too
         for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.5)
+            torch.nn.init.normal_(p, std=1.0)
         allowed = [tok.convert_tokens_to_ids(c) for c in "0123456789-"] + [tok.eos_token_id]
         silenced = torch.ones(len(tok), dtype=torch.bool)
         silenced[allowed] = False
         model.lm_head.weight[silenced] = 0
-        model.lm_head.weight[tok.eos_token_id] *= 3  # answers end early enough to vary in length
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -20,7 +20,7 @@ from train.checkpoint import (
 from train.collate import IGNORE_INDEX, collate_seq2seq
 from train.config import TrainConfig
 from train.loop import lr_at, truncate_metrics
-from train.model import ModelError, build_model, check_model_dir, check_same_arch, tiny_config
+from train.model import ModelError, build_model, check_model_dir, check_same_arch, is_untied, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,40 @@ def test_checkpoint_roundtrip_and_export(tmp_path, tok):
     assert AutoTokenizer.from_pretrained(final).decode([40, 41]) == tok.decode([40, 41])
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
+    assert is_untied(loaded) and loaded.encoder.embed_tokens.weight is loaded.shared.weight
     assert not (final / "train_state.pt").exists()
+
+
+def test_tiny_model_has_flan_t5s_untied_head(tmp_path, tok):
+    """transformers 5 ties T5 built from a config; ours untie the head as flan-t5 has it, and start sane."""
+    from train.plan import architecture, count_params
+
+    torch.manual_seed(0)
+    m = build_model("t5-tiny", len(tok))
+    assert is_untied(m) and m.decoder.embed_tokens.weight is m.shared.weight
+    assert not m.config.scale_decoder_outputs  # T5 v1.1 / flan: no d_model**-0.5 output scaling
+    assert sum(p.numel() for p in m.parameters()) == count_params(architecture("t5-tiny"))[0]
+    assert abs(m.lm_head.weight.std().item() - 128**-0.5) < 0.01
+    b = collate_seq2seq({"input_ids": [[5, 6, 1], [7, 1]], "labels": [[8, 9, 1], [10, 1]]})
+    assert m(**b).loss.item() < 6.0  # ~ln(98) = 4.6 at init; transformers' N(0, 1) head init gave ~67
+    m.save_pretrained(tmp_path)  # its config.json says tie_word_embeddings=true (transformers 5 forces it)
+    assert count_params(architecture(str(tmp_path)))[0] == count_params(architecture("t5-tiny"))[0]
+
+
+def test_checkpoint_without_the_untied_head_is_refused(tmp_path, tok):
+    from safetensors.torch import load_file, save_file
+
+    from train.checkpoint import load_weights
+
+    _, d = _ckpt(tmp_path, tok)
+    fresh = build_model("t5-tiny", len(tok))
+    load_weights(fresh, d)  # complete: loads (the tied embed_tokens copies are not in the file)
+    weights = load_file(str(d / "model.safetensors"))
+    assert "lm_head.weight" in weights and "encoder.embed_tokens.weight" not in weights
+    del weights["lm_head.weight"]
+    save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing \['lm_head.weight'\]"):
+        load_weights(fresh, d)
 
 
 def test_torn_checkpoint_is_refused(tmp_path, tok):
@@ -206,9 +239,11 @@ def test_plan_counts_parameters_exactly(name):
 
     from train.plan import architecture, count_params
 
+    from train.model import untie_lm_head
+
     a = architecture(name)
     with torch.device("meta"):  # no memory, no weights
-        model = T5ForConditionalGeneration(T5Config(**a))
+        model = untie_lm_head(T5ForConditionalGeneration(T5Config(**a)))  # as flan-t5 loads, and ours build
     assert count_params(a)[0] == sum(p.numel() for p in model.parameters())
 
 
@@ -274,7 +309,7 @@ def test_plan_cli_prints_the_estimate(capsys):
 
     assert main(["plan", "--config", "configs/flan-t5-large.yaml", "--strategy", "fsdp"]) == 0
     out = capsys.readouterr().out
-    assert "750.3M parameters" in out and "fsdp on 8 worker(s)" in out and "fits H100 80GB    yes" in out
+    assert "783.2M parameters" in out and "fsdp on 8 worker(s)" in out and "fits H100 80GB    yes" in out
 
 
 def test_train_data_with_missing_mistyped_or_corrupt_columns_is_refused_before_ray(tmp_path):

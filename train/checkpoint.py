@@ -97,6 +97,17 @@ def load_model_state(directory: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_weights(model, directory: str | Path) -> None:
+    """Load a checkpoint's weights into `model`, refusing one that does not cover it. Only weights tied to
+    shared.weight may be absent (save_pretrained writes them once); an untied LM head missing from the
+    checkpoint would otherwise silently keep its fresh init."""
+    res = model.load_state_dict(load_model_state(directory), strict=False)
+    missing = [k for k in res.missing_keys if k not in model.all_tied_weights_keys]
+    if missing or res.unexpected_keys:
+        raise CheckpointError(f"checkpoint {directory} does not match the model: missing {missing}, "
+                              f"unexpected {res.unexpected_keys}")
+
+
 def read_config(directory: str | Path) -> dict[str, Any]:
     p = Path(directory) / "config.json"
     if not p.is_file():

@@ -125,13 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from transformers import AutoTokenizer
 
-    from train.checkpoint import (
-        CheckpointError,
-        load_model_state,
-        load_train_state,
-        read_config,
-        write_checkpoint,
-    )
+    from train.checkpoint import load_train_state, load_weights, read_config, write_checkpoint
     from train.model import build_model, check_same_arch
 
     cfg = TrainConfig(**config["cfg"])
@@ -158,12 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state = load_train_state(d)
             check_same_arch(model.config, read_config(d), where=ckpt.path)
-            res = model.load_state_dict(load_model_state(d), strict=False)
-            # Only the tied copies of the shared embedding may be absent (saved once, as shared.weight).
-            untied = [k for k in res.missing_keys if not k.endswith(("embed_tokens.weight", "lm_head.weight"))]
-            if untied or res.unexpected_keys:
-                raise CheckpointError(f"checkpoint {ckpt.path} does not match the model: missing {untied}, "
-                                      f"unexpected {res.unexpected_keys}")
+            load_weights(model, d)
         if rank == 0:
             log.info("[train] resuming from checkpoint %s at step %d (epoch %d, batch %d)",
                      ckpt.path, state["step"], state["epoch"], state["batch_in_epoch"])

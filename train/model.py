@@ -2,10 +2,11 @@
 
 Tiny configs share flan-t5's architecture (T5ForConditionalGeneration, gated-GELU feed-forward, relative
 position buckets, pad=decoder start=0, eos=1) so every code path the demo exercises is the one
-flan-t5-large takes. Note: transformers 5 ties the LM head of a T5 built from a config (T5Config
-forces tie_word_embeddings=True and reads a passed False only as "T5 v1.1/flan: don't scale decoder
-outputs"), so a model built from a config is tied. (A checkpoint whose lm_head.weight differs from shared.weight,
-as flan-t5's does, still loads untied: from_pretrained keeps them apart.)
+flan-t5-large takes, untied LM head included. transformers 5 ties the head of any T5 *built from a config*
+(T5Config forces tie_word_embeddings=True and reads a passed False only as "T5 v1.1/flan: don't scale the
+decoder output"), so `untie_lm_head` gives the tiny models their own head after construction. Saved, such a
+model holds lm_head.weight != shared.weight, and from_pretrained keeps the two apart (it logs "both are
+present in the checkpoints with different values, so we will NOT tie them"), exactly as it loads flan-t5.
 Checkpoints load from safetensors only and never with remote code.
 """
 
@@ -25,7 +26,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 
 # Fields that make two checkpoints incompatible (a resume from another model must fail clearly).
 ARCH_FIELDS = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers", "vocab_size",
-               "feed_forward_proj", "tie_word_embeddings")
+               "feed_forward_proj", "tie_word_embeddings", "scale_decoder_outputs")
 
 
 class ModelError(ValueError):
@@ -40,8 +41,8 @@ def tiny_config(name: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, dr
     return T5Config(
         vocab_size=vocab_size,
         feed_forward_proj="gated-gelu",
-        # Tied head (transformers 5 ties T5 always, see above) -> keep T5's d_model**-0.5 output scaling:
-        # unscaled logits through the N(0, 1)-initialised embedding start at loss ~67 and train badly.
+        # T5 v1.1 / flan-t5: untied head (untie_lm_head), so no d_model**-0.5 scaling of the decoder output.
+        tie_word_embeddings=False,
         relative_attention_num_buckets=32,
         relative_attention_max_distance=128,
         dropout_rate=0.0 if dropout is None else dropout,  # from scratch on CPU: underfit, not overfit
@@ -78,7 +79,7 @@ def build_model(spec: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, dr
     from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
     if spec in TINY_CONFIGS:
-        return T5ForConditionalGeneration(tiny_config(spec, vocab_size, pad_id, eos_id, dropout))
+        return untie_lm_head(T5ForConditionalGeneration(tiny_config(spec, vocab_size, pad_id, eos_id, dropout)))
     if is_local(spec):
         check_model_dir(os.path.expanduser(spec))
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
@@ -98,6 +99,29 @@ def build_model(spec: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, dr
             "use the tokenizer the model was trained with"
         )
     return model
+
+
+def untie_lm_head(model):
+    """Give a T5 built from a config its own LM head, as flan-t5 (T5 v1.1) has.
+
+    The head is drawn from N(0, d_model**-0.5), fan-in scaling as T5X initialises v1.1's separate head: the
+    first logits then have the scale of a tied head behind T5's d_model**-0.5 output scaling. (transformers'
+    own init for an untied T5 head is N(0, 1): unscaled logits start at a loss of ~67 and train badly.)
+    Removing the key from all_tied_weights_keys is what keeps save_pretrained writing lm_head.weight.
+    Works on the meta device (the planner's tests count parameters without memory).
+    """
+    import torch
+
+    weight = torch.empty_like(model.shared.weight)
+    if weight.device.type != "meta":
+        torch.nn.init.normal_(weight, mean=0.0, std=model.config.d_model**-0.5)
+    model.lm_head.weight = torch.nn.Parameter(weight)
+    model.all_tied_weights_keys.pop("lm_head.weight", None)
+    return model
+
+
+def is_untied(model) -> bool:
+    return model.lm_head.weight is not model.shared.weight
 
 
 def arch_of(config) -> dict[str, Any]:

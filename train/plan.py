@@ -3,10 +3,9 @@
 python -m train plan --config configs/flan-t5-large.yaml [--micro-batch-size 16 --strategy fsdp ...]
 
 How the estimate is computed (bytes per worker):
-- parameters P: counted exactly from the architecture (T5 gated-GELU: embeddings (the LM head is tied
-  to them in transformers 5),
-  q/k/v/o, wi_0/wi_1/wo, layer norms, relative position bias), from a built-in table of the flan-t5
-  sizes, a named tiny config, or a local config.json. No weights are read.
+- parameters P: counted exactly from the architecture (T5 gated-GELU: shared embedding, the LM head where
+  it is untied as in flan-t5, q/k/v/o, wi_0/wi_1/wo, layer norms, relative position bias), from a built-in
+  table of the flan-t5 sizes, a named tiny config, or a local config.json. No weights are read.
 - weights = P x (4 bytes in fp32 / bf16-mixed, 2 in bf16); gradients the same; AdamW keeps two moments
   in the parameter dtype (8 or 4 bytes). DDP adds a gradient-bucket copy (= gradients). bf16-mixed adds
   autocast's bf16 copy of the weights used in the forward (2 bytes x P).
@@ -66,6 +65,14 @@ def architecture(model: str) -> dict[str, Any]:
                      f"{', '.join(TINY_CONFIGS)}) or a local directory with config.json")
 
 
+def untied_head(a: dict[str, Any]) -> bool:
+    """Whether the model has its own LM head (flan-t5 / T5 v1.1 and our tiny models) or reuses the shared
+    embedding (original T5). A config.json saved by transformers 5 always says tie_word_embeddings=true
+    (T5Config forces it) and keeps the truth in scale_decoder_outputs=false; older ones say
+    tie_word_embeddings=false."""
+    return a.get("tie_word_embeddings") is False or a.get("scale_decoder_outputs") is False
+
+
 def count_params(a: dict[str, Any]) -> tuple[int, int]:
     """(total parameters, parameters of the largest transformer block)."""
     d, ff, inner, h = a["d_model"], a["d_ff"], a["num_heads"] * a["d_kv"], a["num_heads"]
@@ -75,11 +82,7 @@ def count_params(a: dict[str, Any]) -> tuple[int, int]:
     enc_block = attn + ffn + 2 * d
     dec_block = 2 * attn + ffn + 3 * d
     bias = a.get("relative_attention_num_buckets", 32) * h  # first block of each stack
-    # transformers 5 ties the LM head of a T5 built from a config to the shared embedding (T5Config forces
-    # tie_word_embeddings=True; the saved False only turns off decoder output scaling), so flan-t5-large
-    # built from its config has 750M parameters. Its checkpoint (lm_head != shared) loads untied, 783M:
-    # this count leaves out that head (issue #3).
-    head = 0
+    head = a["vocab_size"] * d if untied_head(a) else 0
     total = (a["vocab_size"] * d + head + a["num_layers"] * enc_block + a["num_decoder_layers"] * dec_block
              + 2 * bias + 2 * d)
     return total, dec_block + bias
