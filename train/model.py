@@ -106,7 +106,7 @@ def untie_lm_head(model):
 
     The head is drawn from N(0, d_model**-0.5), fan-in scaling as T5X initialises v1.1's separate head: the
     first logits then have the scale of a tied head behind T5's d_model**-0.5 output scaling. (transformers'
-    own init for an untied T5 head is N(0, 1): unscaled logits start at a loss of ~67 and train badly.)
+    own init for an untied T5 head is N(0, 1): t5-tiny then starts at a loss of ~21 instead of ~5.)
     Removing the key from all_tied_weights_keys is what keeps save_pretrained writing lm_head.weight.
     Works on the meta device (the planner's tests count parameters without memory).
     """
