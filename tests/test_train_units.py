@@ -20,7 +20,7 @@ from train.checkpoint import (
 from train.collate import IGNORE_INDEX, collate_seq2seq
 from train.config import TrainConfig
 from train.loop import lr_at, truncate_metrics
-from train.model import ModelError, build_model, check_model_dir, check_same_arch, is_untied, tiny_config
+from train.model import ModelError, build_model, check_model_dir, check_same_arch, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_checkpoint_roundtrip_and_export(tmp_path, tok):
     assert AutoTokenizer.from_pretrained(final).decode([40, 41]) == tok.decode([40, 41])
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
-    assert is_untied(loaded) and loaded.encoder.embed_tokens.weight is loaded.shared.weight
+    assert loaded.lm_head.weight is not loaded.shared.weight and loaded.encoder.embed_tokens.weight is loaded.shared.weight
     assert not (final / "train_state.pt").exists()
 
 
@@ -160,7 +160,7 @@ def test_tiny_model_has_flan_t5s_untied_head(tmp_path, tok):
 
     torch.manual_seed(0)
     m = build_model("t5-tiny", len(tok))
-    assert is_untied(m) and m.decoder.embed_tokens.weight is m.shared.weight
+    assert m.lm_head.weight is not m.shared.weight and m.decoder.embed_tokens.weight is m.shared.weight
     assert not m.config.scale_decoder_outputs  # T5 v1.1 / flan: no d_model**-0.5 output scaling
     assert sum(p.numel() for p in m.parameters()) == count_params(architecture("t5-tiny"))[0]
     assert abs(m.lm_head.weight.std().item() - 128**-0.5) < 0.01
@@ -237,9 +237,8 @@ def test_truncate_metrics_on_resume(tmp_path):
 def test_plan_counts_parameters_exactly(name):
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from train.plan import architecture, count_params
-
     from train.model import untie_lm_head
+    from train.plan import architecture, count_params
 
     a = architecture(name)
     with torch.device("meta"):  # no memory, no weights

@@ -120,10 +120,6 @@ def untie_lm_head(model):
     return model
 
 
-def is_untied(model) -> bool:
-    return model.lm_head.weight is not model.shared.weight
-
-
 def arch_of(config) -> dict[str, Any]:
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return {k: d.get(k) for k in ARCH_FIELDS}
