@@ -203,6 +203,13 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, tok):
     _, d = _ckpt(tmp_path, tok, "t5-mini")
     with pytest.raises(ModelError, match="written by another model: d_model=256 \\(this run: 128\\)"):
         check_same_arch(tiny_config("t5-tiny", len(tok)), read_config(d), where=str(d))
+    from transformers import T5Config
+
+    from train.model import TINY_CONFIGS
+
+    tied = T5Config(vocab_size=len(tok), feed_forward_proj="gated-gelu", **TINY_CONFIGS["t5-tiny"])  # original T5
+    with pytest.raises(ModelError, match="scale_decoder_outputs=True \\(this run: False\\)"):
+        check_same_arch(tiny_config("t5-tiny", len(tok)), tied.to_dict(), where="tied")
 
 
 def test_model_dir_with_missing_files(tmp_path, tok):

@@ -24,9 +24,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "t5-small-scratch": dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8),
 }
 
-# Fields that make two checkpoints incompatible (a resume from another model must fail clearly).
+# Fields that make two checkpoints incompatible (a resume from another model must fail clearly). Tied vs
+# untied head shows in scale_decoder_outputs: transformers 5 saves tie_word_embeddings=true for every T5.
 ARCH_FIELDS = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers", "vocab_size",
-               "feed_forward_proj", "tie_word_embeddings", "scale_decoder_outputs")
+               "feed_forward_proj", "scale_decoder_outputs")
 
 
 class ModelError(ValueError):
