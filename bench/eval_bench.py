@@ -44,7 +44,7 @@ def build_model(path: Path, arch: dict, seed: int = 0) -> None:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from pipeline.tokenizer import load_tokenizer
+    from cluster.core import load_tokenizer
 
     tok = load_tokenizer("char")
     torch.manual_seed(seed)
@@ -58,7 +58,7 @@ def build_data(data: Path, rows: int, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.tokenizer import load_tokenizer
+    from cluster.core import load_tokenizer
 
     rng = random.Random(seed)
     tok = load_tokenizer("char")

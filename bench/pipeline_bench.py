@@ -160,7 +160,7 @@ def bench_files(rows: int, skip_single: bool) -> list[dict]:
             cache = OUT / "hf_cache"
             shutil.rmtree(cache, ignore_errors=True)  # cold: no cached map results from an earlier run
             if tokenizer == "char":
-                from pipeline.tokenizer import build_char_tokenizer
+                from cluster.core import build_char_tokenizer
 
                 build_char_tokenizer().save_pretrained(OUT / "char_tokenizer")
                 tok_dir = str(OUT / "char_tokenizer")

@@ -22,8 +22,7 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the message says which key and why."""
+from cluster.core import ConfigError, UserError, find_user_error  # noqa: E402  (ConfigError re-exported)
 
 
 @dataclasses.dataclass
@@ -233,12 +232,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def run_cli(main: typing.Callable[[], int | None]) -> None:
-    """Run a stage's main(); configuration errors become one clear line and exit code 2."""
+    """Run a stage's main(); any user error (cluster.core.UserError, also when Ray wrapped it) becomes one
+    clear line and exit code 2."""
     import sys
 
     try:
         code = main()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        err = e if isinstance(e, UserError) else find_user_error(e)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

@@ -14,14 +14,11 @@ import os
 import time
 
 from cluster.config import RayConfig
+from cluster.core import ResourceError
 
 log = logging.getLogger("mathtune")
 
 MIN_LOCAL_CPUS = 4
-
-
-class ResourceError(RuntimeError):
-    """The cluster cannot provide what the job asks for (now, or within the configured wait)."""
 
 
 def local_num_cpus() -> int:

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import RayConfig, to_dict
+from cluster.core import write_json_atomic
 from eval.config import EvalConfig
 from eval.resolve import EvalError
-from pipeline.write import write_json_atomic
 
 log = logging.getLogger("mathtune.eval")
 

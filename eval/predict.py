@@ -53,7 +53,8 @@ class Predictor:
     ) -> None:
         import torch
 
-        from eval.resolve import load_model, load_tokenizer
+        from cluster.core import load_tokenizer
+        from eval.resolve import load_model
 
         torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")

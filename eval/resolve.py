@@ -6,23 +6,21 @@ missing weight file or a misnamed column is one clear line, not a traceback from
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.core import UserError, check_model_dir, has_tokenizer, load_tokenizer
+
 log = logging.getLogger("mathtune.eval")
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 REQUIRED_COLUMNS = ("question", "answer", "input_ids", "labels")
-PREDICTION_COLUMNS = ("answer", "prediction")
 # A probe the model's and the data's tokenizers must encode identically, or input_ids mean different
 # things to the model than to the pipeline that wrote them.
 TOKENIZER_PROBE = "Solve -3*x + 12 = 0 for x. -6 3/4"
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """A problem with eval's inputs (model, tokenizer, data) that the user must fix."""
 
 
@@ -49,33 +47,6 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec, False, None)
 
 
-def check_model_dir(path: Path) -> None:
-    missing = []
-    if not (path / "config.json").is_file():
-        missing.append("config.json")
-    if not any((path / f).is_file() for f in WEIGHT_FILES):
-        pickle_only = (path / "pytorch_model.bin").exists()
-        missing.append(
-            "model.safetensors (only a pickle pytorch_model.bin is there: convert it, we never unpickle weights)"
-            if pickle_only
-            else "model.safetensors"
-        )
-    if missing:
-        present = sorted(p.name for p in path.iterdir())
-        raise EvalError(
-            f"model directory {path} is incomplete: missing {', '.join(missing)} (it has: {present or 'nothing'}). "
-            f"Point --model at a train output (<out> or <out>/final) or a save_pretrained() directory."
-        )
-    try:
-        json.loads((path / "config.json").read_text())
-    except ValueError as e:
-        raise EvalError(f"{path / 'config.json'} is not valid JSON: {e}") from e
-
-
-def has_tokenizer(path: Path) -> bool:
-    return any((path / f).is_file() for f in TOKENIZER_FILES)
-
-
 def resolve_tokenizer(explicit: str | None, model: ModelSource, data: str | None) -> str:
     """--tokenizer, else the model's own, else the pipeline's <data>/tokenizer."""
     if explicit:
@@ -87,15 +58,6 @@ def resolve_tokenizer(explicit: str | None, model: ModelSource, data: str | None
     raise EvalError(
         f"no tokenizer: {model.spec} has no tokenizer files and {data}/tokenizer does not exist; pass --tokenizer"
     )
-
-
-def load_tokenizer(spec: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise EvalError(f"could not load tokenizer {spec!r}: {e}") from e
 
 
 def load_model(spec: str, dtype=None):

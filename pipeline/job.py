@@ -22,35 +22,31 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cluster.config import ConfigError, RayConfig
+from cluster.config import RayConfig
 from cluster.connect import init_ray
-from pipeline.config import MAX_VALIDATION_SHARE, PipelineConfig, answer_regex
-from pipeline.generate import WORKER_ENV
-from pipeline.sources import SPLITS, ReadUnit, SourceError, plan, read_unit
-from pipeline.tokenize_step import TokenizeBatch
-from pipeline.tokenizer import load_tokenizer, tokenizer_identity
-from pipeline.validate import REASONS, prepare_text
-from pipeline.write import (
+from cluster.core import (
     DATA_SCHEMA,
     REJECT_SCHEMA,
-    LengthStats,
-    SplitWriter,
-    content_hash,
+    ConfigError,
+    OutputError,
+    RejectError,
+    SourceError,
+    find_user_error,
+    load_tokenizer,
+    tokenizer_identity,
     write_json_atomic,
 )
+from pipeline.config import MAX_VALIDATION_SHARE, PipelineConfig, answer_regex
+from pipeline.generate import WORKER_ENV
+from pipeline.sources import SPLITS, ReadUnit, plan, read_unit
+from pipeline.tokenize_step import TokenizeBatch
+from pipeline.validate import REASONS, prepare_text
+from pipeline.write import LengthStats, SplitWriter, content_hash
 
 log = logging.getLogger("mathtune.pipeline")
 
 OUTPUT_PARTS = (*SPLITS, "rejects", "tokenizer")
 MANIFEST_VERSION = 1
-
-
-class OutputError(ValueError):
-    """The output folder cannot be used; the message says why and what to do."""
-
-
-class RejectError(ValueError):
-    """--strict: the first class of rejected rows, with an example."""
 
 
 def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_once: str | None = None) -> dict:
@@ -73,7 +69,7 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_o
     try:
         counts, files, stats = write_splits(ds, cfg, out)
     except Exception as e:  # a reader's SourceError arrives wrapped by Ray: surface the message itself
-        raise _user_error(e) from e
+        raise (find_user_error(e) or e) from e
     if counts["rows_in"] == 0:
         raise SourceError(f"source {cfg.source} has no rows (empty files?); nothing to write")
 
@@ -255,26 +251,6 @@ def _pair_counts(split: pa.Array, reason: pa.Array) -> Counter:
     return Counter({(r["s"], r["r"]): r["count_all"] for r in t.to_pylist()})
 
 
-def _user_error(e: BaseException) -> BaseException:
-    """Our own error (SourceError, OutputError, RejectError, ConfigError) found in an exception's chain,
-    unwrapped from Ray's task error (whose str() adds a remote traceback and retry advice), else e."""
-    ours = (SourceError, OutputError, RejectError, ConfigError)
-    seen, todo, found = set(), [e], []
-    while todo:
-        x = todo.pop(0)
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, ours):
-            found.append(x)
-        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
-    if not found:
-        return e
-    # Prefer the original instance (Ray keeps it as .cause) over RayTaskError(SourceError); either way
-    # keep the first line only: our messages are one line, Ray appends its retry advice below them.
-    x = next((x for x in found if type(x) in ours), found[0])
-    cls = next(c for c in ours if isinstance(x, c))
-    return cls(str(x).strip().splitlines()[0])
 
 
 def push_to_hub(out: Path, repo: str) -> None:

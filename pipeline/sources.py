@@ -22,12 +22,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from cluster.core import SourceError
 from pipeline.config import TEST_REGIMES, TRAIN_REGIMES, PipelineConfig
-
-
-class SourceError(ValueError):
-    """The source cannot be read as asked; the message names the file and the fix."""
-
 
 FORMATS = {
     ".parquet": "parquet", ".pq": "parquet",

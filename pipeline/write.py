@@ -8,8 +8,6 @@ reproducible across runs, worker counts and faults.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +15,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-DATA_SCHEMA = pa.schema([
-    ("question", pa.string()), ("answer", pa.string()), ("regime", pa.string()),
-    ("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-])
-REJECT_SCHEMA = pa.schema([
-    ("split", pa.string()), ("regime", pa.string()), ("reason", pa.string()),
-    ("question", pa.string()), ("answer", pa.string()),  # the original text, as read
-])
 ROW_GROUP_ROWS = 65_536
 
 
@@ -132,14 +121,3 @@ def content_hash(output: Path, relpaths: list[str]) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write-then-rename: a reader (or a crash) never sees a half-written manifest."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

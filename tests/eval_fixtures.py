@@ -10,7 +10,7 @@ REGIMES = ("train-easy", "train-medium", "train-hard", "interpolate")
 
 
 def char_tokenizer():
-    from pipeline.tokenizer import load_tokenizer
+    from cluster.core import load_tokenizer
 
     return load_tokenizer("char")
 

@@ -12,6 +12,7 @@ import pytest
 from eval_fixtures import make_data, make_rows, make_tiny_model
 
 from cluster.config import ConfigError, RayConfig
+from cluster.core import ModelError
 from eval.aggregate import block_partials, combine, score_batch
 from eval.config import EvalConfig
 from eval.metrics import aggregate
@@ -38,7 +39,7 @@ def test_model_dir_missing_weights_is_a_clear_error(tmp_path, model_dir, data_di
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text((model_dir / "config.json").read_text())
-    with pytest.raises(EvalError, match=r"incomplete: missing model\.safetensors"):
+    with pytest.raises(ModelError, match=r"incomplete: missing model\.safetensors"):
         _run(model=str(broken), data=str(data_dir), output=str(tmp_path / "out"))
 
 
@@ -46,7 +47,7 @@ def test_model_dir_missing_config_and_pickle_only_weights(tmp_path):
     d = tmp_path / "old"
     d.mkdir()
     (d / "pytorch_model.bin").write_bytes(b"\0")
-    with pytest.raises(EvalError) as e:
+    with pytest.raises(ModelError) as e:
         resolve_model(str(d))
     assert "config.json" in str(e.value) and "never unpickle" in str(e.value)
 
@@ -178,8 +179,8 @@ def test_predictor_own_greedy_output_is_teacher_forced_exact(model_dir, data_dir
     """In-process, no Ray: feed the model its own greedy answers as gold. Generation EM and teacher-forced
     EM must then be 1 on every row that ended with </s>; this checks the sort/unsort of rows (each row
     gets its own prediction back) and the teacher-forced alignment of logits and labels."""
+    from cluster.core import load_tokenizer
     from eval.predict import Predictor
-    from eval.resolve import load_tokenizer
 
     table = pq.read_table(data_dir / "test")
     batch = {k: np.array(table[k].to_pylist(), dtype=object) for k in ("question", "answer", "regime")}

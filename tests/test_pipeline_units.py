@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.config import ConfigError, from_dict
+from cluster.core import DATA_SCHEMA, load_tokenizer, write_json_atomic
 from pipeline.clean import clean_text, decode_utf8, strip_wrapper
 from pipeline.config import PipelineConfig, answer_regex
 from pipeline.tokenize_step import TokenizeBatch, holdout_mask
-from pipeline.tokenizer import load_tokenizer
 from pipeline.validate import prepare_text, text_reasons, token_reasons
-from pipeline.write import LengthStats, SplitWriter, content_hash, write_json_atomic
+from pipeline.write import LengthStats, SplitWriter, content_hash
 
 # ---- cleaning ---------------------------------------------------------------------------------------
 
@@ -185,7 +185,6 @@ def _rows(n, start=0):
 
 
 def test_split_writer_bytes_do_not_depend_on_batching(tmp_path):
-    from pipeline.write import DATA_SCHEMA
 
     table = _rows(2500)
     outs = []
@@ -203,7 +202,6 @@ def test_split_writer_bytes_do_not_depend_on_batching(tmp_path):
 
 
 def test_empty_split_gets_an_empty_file(tmp_path):
-    from pipeline.write import DATA_SCHEMA
 
     files = SplitWriter(tmp_path / "validation", DATA_SCHEMA, 100).close()
     assert len(files) == 1 and pq.read_table(files[0]).num_rows == 0

@@ -17,6 +17,7 @@ import pytest
 
 from cluster.config import ConfigError
 from cluster.connect import ResourceError
+from cluster.core import OutputError
 from train.config import TrainConfig
 from train.model import ModelError
 from train.trainer import DataError, run
@@ -142,14 +143,14 @@ def test_impossible_worker_request_fails_fast(ray_local, data, tmp_path):
 
 
 def test_unwritable_paths_are_clear_errors(data, tmp_path):
-    with pytest.raises(ConfigError, match="train.storage_path /proc/mathtune is not writable"):
+    with pytest.raises(OutputError, match="train.storage_path /proc/mathtune is not writable"):
         run(small_cfg(data, tmp_path, storage_path="/proc/mathtune"))
-    with pytest.raises(ConfigError, match="train.output /proc/x is not writable"):
+    with pytest.raises(OutputError, match="train.output /proc/x is not writable"):
         run(small_cfg(data, "/proc/x"))
 
 
 def test_storage_with_another_models_checkpoints_is_refused(data, tmp_path):
-    from pipeline.tokenizer import load_tokenizer
+    from cluster.core import load_tokenizer
     from train.checkpoint import write_checkpoint
     from train.model import build_model
 

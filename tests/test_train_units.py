@@ -25,7 +25,7 @@ from train.model import ModelError, build_model, check_model_dir, check_same_arc
 
 @pytest.fixture(scope="module")
 def tok():
-    from pipeline.tokenizer import load_tokenizer
+    from cluster.core import load_tokenizer
 
     return load_tokenizer("char")
 

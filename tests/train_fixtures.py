@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.tokenizer import load_tokenizer
+from cluster.core import load_tokenizer
 
 
 def linear_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:

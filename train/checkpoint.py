@@ -24,13 +24,11 @@ from typing import Any
 
 import torch
 
+from cluster.core import CheckpointError, write_json_atomic
+
 MANIFEST = "checkpoint.json"
 TRAIN_STATE = "train_state.pt"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is incomplete, corrupt, or from something else."""
 
 
 def write_checkpoint(
@@ -50,9 +48,7 @@ def write_checkpoint(
     torch.save(train_state, d / TRAIN_STATE)
     files = {p.name: p.stat().st_size for p in sorted(d.iterdir()) if p.is_file()}
     manifest = {"format": FORMAT_VERSION, "step": train_state["step"], "files": files}
-    tmp = d / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, d / MANIFEST)  # the manifest appears whole or not at all
+    write_json_atomic(d / MANIFEST, manifest)  # the manifest appears whole or not at all
     return d
 
 

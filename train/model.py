@@ -13,8 +13,9 @@ Checkpoints load from safetensors only and never with remote code.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
+
+from cluster.core import ModelError, check_model_dir, is_local_spec
 
 # d_model / layers / heads chosen for learning per CPU-minute (shared/NOTES.md: d_model 128, 2+2 layers
 # at batch 128 runs ~520 samples/s on 2 cores).
@@ -28,10 +29,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 # untied head shows in scale_decoder_outputs: transformers 5 saves tie_word_embeddings=true for every T5.
 ARCH_FIELDS = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers", "vocab_size",
                "feed_forward_proj", "scale_decoder_outputs")
-
-
-class ModelError(ValueError):
-    """A model spec or directory that cannot be used; the message says what is missing and what to do."""
 
 
 def tiny_config(name: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, dropout: float | None = None):
@@ -55,34 +52,14 @@ def tiny_config(name: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, dr
     )
 
 
-def check_model_dir(path: str | Path) -> None:
-    """A local model directory must hold config.json and safetensors weights (no pickles)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ModelError(f"model directory {p} does not exist")
-    missing = []
-    if not (p / "config.json").is_file():
-        missing.append("config.json")
-    if not any(p.glob("*.safetensors")) and not (p / "model.safetensors.index.json").is_file():
-        missing.append("model.safetensors (or a sharded *.safetensors set)")
-    if missing:
-        bins = [f.name for f in p.glob("*.bin")]
-        hint = f" It has {bins}: only safetensors weights are loaded (pickle can run code)." if bins else ""
-        raise ModelError(f"model directory {p} is missing {', '.join(missing)}.{hint}")
-
-
-def is_local(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or os.path.isdir(spec)
-
-
 def build_model(spec: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, dropout: float | None = None):
     """A T5ForConditionalGeneration for `spec`, with an embedding that covers `vocab_size` tokens."""
     from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
     if spec in TINY_CONFIGS:
         return untie_lm_head(T5ForConditionalGeneration(tiny_config(spec, vocab_size, pad_id, eos_id, dropout)))
-    if is_local(spec):
-        check_model_dir(os.path.expanduser(spec))
+    if is_local_spec(spec):
+        check_model_dir(spec)
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
     if dropout is not None:
         kwargs["dropout_rate"] = dropout
@@ -136,7 +113,3 @@ def check_same_arch(expected, found, where: str) -> None:
             f"checkpoint {where} was written by another model: {shown}. Resume with the same model, "
             "or start a new run (a different run_name or storage_path)."
         )
-
-
-def num_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())

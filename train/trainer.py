@@ -9,82 +9,30 @@ request the cluster can never schedule (instead of a run that waits forever).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from cluster.config import ConfigError, RayConfig
+from cluster.config import RayConfig
 from cluster.connect import init_ray, require_resources
+from cluster.core import (
+    ConfigError,
+    DataError,
+    check_data_dir,
+    check_writable,
+    load_tokenizer,
+    open_split,
+    write_json_atomic,
+)
 from train.config import TrainConfig
 
 log = logging.getLogger("mathtune.train")
 
 TRAIN_COLUMNS = ["input_ids", "labels"]
 VAL_COLUMNS = ["input_ids", "labels", "answer"]
-
-
-class DataError(ValueError):
-    """The pipeline output is missing, incomplete or not in the contract's format."""
-
-
-def check_data(data: str) -> None:
-    d = Path(data)
-    if not data:
-        raise ConfigError("train.data is required: the pipeline output directory (--data DIR)")
-    if not d.is_dir():
-        raise DataError(f"data directory {d} does not exist (run the pipeline first: python -m pipeline)")
-    manifest = d / "manifest.json"
-    if manifest.is_file():
-        try:
-            complete = json.loads(manifest.read_text()).get("complete") is True
-        except json.JSONDecodeError:
-            complete = False
-        if not complete:
-            raise DataError(f"{manifest} does not say complete: the pipeline run that wrote {d} did not finish")
-
-
-def open_split(data: str, split: str, columns: list[str]):
-    """The split's Parquet files as a pyarrow dataset, its schema checked against the contract. Driver-side
-    metadata only: no Ray Data job (on a small machine each one costs seconds of worker start-up)."""
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-
-    where = os.path.join(data, split)
-    files = sorted(str(p) for p in Path(where).glob("*.parquet"))
-    if not files:
-        raise DataError(f"{where} holds no .parquet files (expected the pipeline's {split} split)")
-    try:
-        ds = pads.dataset(files, format="parquet")
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{where}: cannot read its Parquet files ({e})") from e
-    names = set(ds.schema.names)
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise DataError(f"{where} lacks column(s) {missing}; it has {sorted(names)} (see the pipeline contract)")
-    for c in ("input_ids", "labels"):
-        t = ds.schema.field(c).type
-        if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
-            raise DataError(f"{where}: column {c} must be a list of token ids, got {t}")
-    return ds
-
-
-def check_writable(path: str, what: str) -> None:
-    """Create `path` if needed and prove a file can be written there (remote URIs are checked by Ray)."""
-    if "://" in path:
-        return
-    p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-probe-{uuid.uuid4().hex}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"{what} {p} is not writable: {e.strerror or e}") from e
 
 
 def check_existing_checkpoints(cfg: TrainConfig, vocab_size: int, pad_id: int, eos_id: int) -> None:
@@ -126,18 +74,14 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from transformers import AutoTokenizer
 
     from train.checkpoint import export_model_dir
     from train.loop import train_loop_per_worker
 
     t_start = time.time()
     ray_cfg = ray_cfg or RayConfig()
-    check_data(cfg.data)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.resolved_tokenizer())
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load the tokenizer from {cfg.resolved_tokenizer()}: {e}") from e
+    check_data_dir(cfg.data)
+    tokenizer = load_tokenizer(cfg.resolved_tokenizer())
     # Absolute paths: workers run in other working directories.
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data), output=os.path.abspath(cfg.output),
                               tokenizer=os.path.abspath(cfg.resolved_tokenizer())
@@ -224,9 +168,7 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
         "run_name": cfg.run_name,
         "storage_path": storage,
     }
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    write_json_atomic(out / "summary.json", summary)
     log.info("[train] done: %d steps, %d samples in %.0fs (%.0f samples/s training); best val exact match %.4f "
              "at step %s -> %s", summary["steps"], summary["samples"], wall, summary["samples_per_s"],
              summary["best"]["val_exact_match"] or 0.0, summary["best"]["step"], summary["final_dir"])
