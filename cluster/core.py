@@ -136,12 +136,12 @@ def check_writable(path: str | Path, what: str) -> Path | str:
 
 SPLITS = ("train", "validation", "test")
 DATA_SCHEMA = pa.schema([
-    ("question", pa.string()), ("answer", pa.string()), ("regime", pa.string()),
+    ("question", pa.string()), ("answer", pa.string()), ("regime", pa.string()), ("module", pa.string()),
     ("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int32())),
     ("labels", pa.list_(pa.int32())),
 ])
 REJECT_SCHEMA = pa.schema([
-    ("split", pa.string()), ("regime", pa.string()), ("reason", pa.string()),
+    ("split", pa.string()), ("regime", pa.string()), ("module", pa.string()), ("reason", pa.string()),
     ("question", pa.string()), ("answer", pa.string()),  # the original text, as read
 ])
 TOKEN_COLUMNS = ("input_ids", "labels")

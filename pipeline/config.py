@@ -6,6 +6,7 @@ import dataclasses
 import re
 
 from cluster.config import ConfigError
+from pipeline.answers import EXTRAPOLATE, MODULES
 
 TRAIN_REGIMES = ("train-easy", "train-medium", "train-hard")
 TEST_REGIMES = ("interpolate",)
@@ -22,9 +23,13 @@ class PipelineConfig:
     `hf:<dataset id>[:config]` (the Hugging Face hub; needs network)."""
     output: str = "outputs/data"
     """Output folder: <output>/{train,validation,test}/*.parquet, tokenizer/, rejects/, manifest.json."""
-    module: str = "algebra__linear_1d"
-    """DeepMind module: what `generate` samples, which v1.0 `<module>.txt` files are read, and which
-    answer form is checked."""
+    modules: list[str] = dataclasses.field(default_factory=lambda: ["algebra__linear_1d"])
+    """DeepMind module(s): one (`algebra__linear_1d`), a list (YAML list or `a,b` on the command line), or
+    `all` (every module of the generator). What `generate` samples, which v1.0 `<regime>/<module>.txt`
+    files and hub configs are read; each row keeps its `module` and is checked against its answer form."""
+    module_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Mixing weights for `generate` (YAML mapping module -> weight, default 1 each): a module generates
+    round(weight * train_rows_per_regime) rows per train regime. Test sets are not weighted."""
     tokenizer: str = "char"
     """`char` (built-in, offline), a Hugging Face tokenizer id (google/flan-t5-large) or a local folder."""
     seed: int = 0
@@ -32,9 +37,13 @@ class PipelineConfig:
 
     # --- generate ---
     train_rows_per_regime: int = 20_000
-    """Rows generated for each of train-easy / train-medium / train-hard (real dataset: 666,666)."""
+    """Rows generated per module for each of train-easy / train-medium / train-hard (real: 666,666)."""
     test_rows: int = 2_000
-    """Rows generated for the test regime `interpolate` (real dataset: 10,000)."""
+    """Rows generated per module for the test regime `interpolate` (real dataset: 10,000)."""
+    extrapolate_rows: int | None = None
+    """Rows generated per module for the test regime `extrapolate`, for the modules the generator has an
+    extrapolation set for (e.g. arithmetic__add_or_sub -> arithmetic__add_or_sub_big). Default: test_rows;
+    0: none."""
     rows_per_shard: int = 5_000
     """Rows per generator task. Part of the data's identity: each shard has its own seed."""
 
@@ -62,7 +71,8 @@ class PipelineConfig:
     """Rows per Ray Data batch (clean + tokenize)."""
     tokenize_workers: int = 0
     """Tokenizer actors (each loads the tokenizer once). 0 = auto: half the cluster's CPUs, leaving the
-    rest to the read/generate tasks (an actor pool holding every CPU starves them: shared/NOTES.md)."""
+    rest to the read/generate tasks (an actor pool holding every CPU starves them: measured on 2 cores,
+    the reads then never get a slot)."""
     rows_per_file: int = 500_000
     """Rows per output Parquet file."""
 
@@ -74,9 +84,36 @@ class PipelineConfig:
             raise ConfigError("pipeline.source must not be empty (e.g. `generate` or a path)")
         if not self.output:
             raise ConfigError("pipeline.output must not be empty")
+        if isinstance(self.modules, str):
+            self.modules = [m for m in self.modules.split(",") if m]
+        self.modules = [m.strip() for m in self.modules]
+        if not self.modules:
+            raise ConfigError("pipeline.modules must name at least one module, or `all`")
+        if "all" in self.modules and len(self.modules) > 1:
+            raise ConfigError("pipeline.modules: `all` cannot be combined with module names")
+        if len(set(self.modules)) != len(self.modules):
+            raise ConfigError(f"pipeline.modules lists a module twice: {self.modules}")
+        if self.source == "generate":
+            unknown = [m for m in self.modules if m != "all" and m not in MODULES]
+            if unknown:
+                raise ConfigError(f"pipeline.modules: the generator has no module {unknown}; its modules: "
+                                  f"{', '.join(MODULES)} (or `all`)")
+        if self.module_weights:
+            if self.source != "generate":
+                raise ConfigError("pipeline.module_weights applies to source=generate only: a file source is "
+                                  "read in full (subsample the files to mix them differently)")
+            chosen = self.module_list()
+            stray = sorted(set(self.module_weights) - set(chosen))
+            if stray:
+                raise ConfigError(f"pipeline.module_weights names module(s) not in pipeline.modules: {stray}")
+            for m, w in self.module_weights.items():
+                if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+                    raise ConfigError(f"pipeline.module_weights.{m} must be a number >= 0, got {w!r}")
         for name in ("train_rows_per_regime", "test_rows"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"pipeline.{name} must be >= 0, got {getattr(self, name)}")
+        if self.extrapolate_rows is not None and self.extrapolate_rows < 0:
+            raise ConfigError(f"pipeline.extrapolate_rows must be >= 0, got {self.extrapolate_rows}")
         if self.source == "generate" and self.train_rows_per_regime + self.test_rows == 0:
             raise ConfigError("pipeline: source=generate with 0 rows: set train_rows_per_regime or test_rows")
         for name in ("rows_per_shard", "batch_size", "rows_per_file", "max_input_tokens", "max_label_tokens",
@@ -95,7 +132,7 @@ class PipelineConfig:
         if self.validation_size >= 1 and not float(self.validation_size).is_integer():
             raise ConfigError("pipeline.validation_size >= 1 is a row count and must be a whole number")
         if self.source == "generate" and self.validation_size >= 1:
-            train = 3 * self.train_rows_per_regime
+            train = 3 * sum(self.train_rows(m) for m in self.module_list())
             if self.validation_size > MAX_VALIDATION_SHARE * train:
                 raise ConfigError(
                     f"pipeline.validation_size={int(self.validation_size)} is more than "
@@ -110,18 +147,19 @@ class PipelineConfig:
             raise ConfigError(f"pipeline.push_to_hub must be a repo id like 'user/name', got {self.push_to_hub!r}")
 
 
-# Answer forms of modules we know (DeepMind's linear equations have integer solutions).
-ANSWER_PATTERNS = {
-    "algebra__linear_1d": r"-?\d+",
-    "algebra__linear_1d_composed": r"-?\d+",
-    "algebra__linear_2d": r"-?\d+",
-    "algebra__linear_2d_composed": r"-?\d+",
-}
+    def module_list(self) -> list[str]:
+        """The modules named, `all` expanded to the generator's (for a file source: see sources.plan)."""
+        return list(MODULES) if self.modules == ["all"] else list(self.modules)
 
+    def train_rows(self, module: str) -> int:
+        """Rows `generate` samples of `module` per train regime (its mixing weight applied)."""
+        return round(self.train_rows_per_regime * float(self.module_weights.get(module, 1.0)))
 
-def answer_regex(cfg: PipelineConfig) -> str | None:
-    if cfg.answer_pattern == "none":
-        return None
-    if cfg.answer_pattern == "auto":
-        return ANSWER_PATTERNS.get(cfg.module)
-    return cfg.answer_pattern
+    def test_units(self, module: str) -> list[tuple[str, str, int]]:
+        """(regime, generator module, rows) of `module`'s test sets: interpolate, and extrapolate where the
+        generator has one."""
+        out = [("interpolate", module, self.test_rows)]
+        extra = self.test_rows if self.extrapolate_rows is None else self.extrapolate_rows
+        if module in EXTRAPOLATE and extra:
+            out.append(("extrapolate", EXTRAPOLATE[module], extra))
+        return out

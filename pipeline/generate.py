@@ -2,8 +2,8 @@
 
 Each shard seeds Python's `random` and numpy's global state (the generator draws from both) with a seed
 derived from (seed, module, regime, shard index), so a shard's rows depend on nothing else: same config,
-same rows, in any process, in any order. 0.7-0.8 ms per row on one core (shared/NOTES.md), which is why
-shards run as parallel Ray tasks.
+same rows, in any process, in any order. algebra__linear_1d costs 0.7-0.8 ms per row on one core (some
+modules far more: comparison__sort_more seconds), which is why shards run as parallel Ray tasks.
 
 The generator's output also depends on Python's string-hash seed (it iterates over sets somewhere inside
 sympy/the modules: measured, same seed with PYTHONHASHSEED=1 vs 2 gives different rows). So the worker
@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import sys
+import types
 
 import numpy as np
 
@@ -29,6 +30,36 @@ _generate = None  # the imported, initialized `mathematics_dataset.generate` mod
 def shard_seed(seed: int, module: str, regime: str, shard: int) -> int:
     digest = hashlib.sha256(f"{seed}/{module}/{regime}/{shard}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+class _ItemsetArray(np.ndarray):
+    """ndarray with numpy 1's `itemset` (removed in numpy 2), which the generator's polynomial sampler
+    calls: without it every module that samples polynomials (half of them, e.g. linear_1d_composed,
+    calculus__differentiate, polynomials__*) fails with AttributeError."""
+
+    def itemset(self, *args):
+        *index, value = args
+        index = index[0] if len(index) == 1 else tuple(index)
+        if isinstance(index, (int, np.integer)):
+            self.flat[index] = value  # itemset(i, v) indexes the flattened array
+        else:
+            self[index] = value
+
+
+def _numpy2_compat() -> None:
+    """Give the generator's polynomial sampler a numpy with `np.object` and `ndarray.itemset` back.
+    Only that module sees the shim; the values drawn are the same (same calls into numpy's RNG)."""
+    from mathematics_dataset.sample import polynomials
+
+    if getattr(polynomials.np, "_mathtune_shim", False):
+        return
+    shim = types.ModuleType("numpy")
+    shim.__dict__.update(np.__dict__)
+    shim.object = object
+    shim.zeros = lambda *a, **k: np.zeros(*a, **k).view(_ItemsetArray)
+    shim.empty = lambda *a, **k: np.empty(*a, **k).view(_ItemsetArray)
+    shim._mathtune_shim = True
+    polynomials.np = shim
 
 
 def _load_generator():
@@ -51,18 +82,16 @@ def _load_generator():
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS(["mathtune"])  # the generator reads absl flags; parse none of ours
+    _numpy2_compat()
     generate.init_modules(train_split=True)
     _generate = generate
     return generate
 
 
-def available(regime: str) -> list[str]:
-    return sorted(_load_generator().filtered_modules.get(regime, {}))
-
-
 def generate_rows(module: str, regime: str, rows: int, seed: int) -> tuple[list[str], list[str], int]:
     """`rows` (question, answer) pairs of `module` at `regime`; also how many samples the generator
-    itself dropped for exceeding its length caps (not rows of ours: never returned)."""
+    itself skipped for exceeding its length caps (not rows of ours: counted in the manifest as
+    generator_skipped_samples)."""
     generate = _load_generator()
     if os.environ.get("PYTHONHASHSEED") != WORKER_ENV["PYTHONHASHSEED"]:
         log.warning("PYTHONHASHSEED is not %s in this process: generated rows will not be reproducible",

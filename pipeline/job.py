@@ -4,15 +4,18 @@ Ray Data actor pool, and stream the ordered result to Parquet on the driver.
     plan (driver)  ->  read_unit + prepare_text (tasks)  ->  TokenizeBatch (actors)  ->  write (driver)
 
 Why the writes happen on the driver: it sees the rows in a deterministic order (preserve_order), so it
-can cut files at fixed row counts (byte-identical output), count every row once (rows_in = kept +
-rejected, asserted), and keep exact length histograms for the manifest. Writing Parquet is cheap next to
-tokenizing; the heavy per-row work stays in the workers.
+can shuffle train/validation with a seeded bucket shuffle and cut files at fixed row counts
+(byte-identical output), count every row once (rows_in = kept + rejected, checked), and keep exact length
+histograms for the manifest. Writing Parquet is cheap next to tokenizing (bench/RESULTS.md measures the
+driver's ceiling); the heavy per-row work stays in the workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -36,20 +39,20 @@ from cluster.core import (
     tokenizer_identity,
     write_json_atomic,
 )
-from pipeline.config import MAX_VALIDATION_SHARE, PipelineConfig, answer_regex
+from pipeline.config import MAX_VALIDATION_SHARE, PipelineConfig
 from pipeline.generate import WORKER_ENV
 from pipeline.sources import SPLITS, ReadUnit, plan, read_unit
 from pipeline.tokenize_step import TokenizeBatch
 from pipeline.validate import REASONS, prepare_text
-from pipeline.write import LengthStats, SplitWriter, content_hash
+from pipeline.write import SHUFFLE_BUCKET_ROWS, LengthStats, ShuffleWriter, SplitWriter, content_hash
 
 log = logging.getLogger("mathtune.pipeline")
 
-OUTPUT_PARTS = (*SPLITS, "rejects", "tokenizer")
+OUTPUT_PARTS = (*SPLITS, "rejects", "tokenizer", ".shuffle")
 MANIFEST_VERSION = 1
 
 
-def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_once: str | None = None) -> dict:
+def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None) -> dict:
     """Run the pipeline; returns the manifest (also written to <output>/manifest.json, complete: true)."""
     t0 = time.time()
     # Everything that can be refused is refused before the old output is touched or Ray starts.
@@ -61,13 +64,15 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_o
         raise ConfigError(f"tokenizer {cfg.tokenizer!r} has no eos token; T5-style targets need one")
     units, source_info = plan(cfg)
     fraction = validation_fraction(cfg, units)
+    buckets = shuffle_buckets(units)
     out = prepare_output(Path(cfg.output))
     t_plan = time.time()
     init_ray(ray_cfg)
     t_ray = time.time()
-    ds = build_dataset(cfg, units, tokenizer, fraction, _kill_worker_once)
     try:
-        counts, files, stats = write_splits(ds, cfg, out)
+        with ordered_execution():
+            ds = build_dataset(cfg, units, tokenizer, fraction)
+            counts, files, stats = write_splits(ds, cfg, out, buckets)
     except Exception as e:  # a reader's SourceError arrives wrapped by Ray: surface the message itself
         raise (find_user_error(e) or e) from e
     if counts["rows_in"] == 0:
@@ -82,6 +87,8 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_o
         "config": dataclasses.asdict(cfg),
         **counts,
         "validation_fraction": fraction,
+        "shuffle": {"order": "seeded uniform random (train, validation); source order (test)",
+                    "seed": cfg.seed, "buckets": buckets},
         "token_lengths": stats,
         "tokenizer": tokenizer_identity(tokenizer, cfg.tokenizer),
         "files": {k: [str(p.relative_to(out)) for p in v] for k, v in files.items()},
@@ -149,19 +156,49 @@ def _count_rows(unit: ReadUnit) -> int:
     return lines // 2 if unit.kind == "v1txt" else lines
 
 
-def build_dataset(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fraction: float, kill_once: str | None):
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+@contextlib.contextmanager
+def ordered_execution():
+    """Ray Data's preserve_order (deterministic row order -> byte-identical output) for this job only:
+    DataContext is process-global, so the caller's setting is restored afterwards."""
+    from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic row order -> byte-identical output
-    regex = answer_regex(cfg)
+    opts = DataContext.get_current().execution_options
+    old = opts.preserve_order
+    opts.preserve_order = True
+    try:
+        yield
+    finally:
+        opts.preserve_order = old
+
+
+def shuffle_buckets(units: list[ReadUnit]) -> int:
+    """Spill buckets of the train/validation shuffle: enough that one bucket (read back whole at close)
+    holds about SHUFFLE_BUCKET_ROWS rows. Counted from the plan (files without a cheap row count are
+    estimated from their size), so it is part of the config's identity like rows_per_file."""
+    rows = 0
+    for u in units:
+        if u.split == "test":
+            continue
+        if u.rows:
+            rows += u.rows
+        else:
+            from pipeline.sources import resolve_filesystem
+
+            fs, _ = resolve_filesystem(u.fs_spec)
+            rows += fs.get_file_info(u.path).size // 48  # a DeepMind row is > 48 bytes in any text format
+    return max(1, math.ceil(rows / SHUFFLE_BUCKET_ROWS))
+
+
+def build_dataset(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fraction: float):
+    import ray
+    from ray.data import ActorPoolStrategy
+
 
     def read_and_prepare(batch: dict):
         # One read unit per call (batch_size=1): a generator shard or one file, streamed in batches.
         for i in batch["unit"]:
             for raw in read_unit(units[int(i)], cfg.batch_size):
-                yield prepare_text(raw, max_chars=cfg.max_text_chars, answer_regex=regex)
+                yield prepare_text(raw, max_chars=cfg.max_text_chars, answer_pattern=cfg.answer_pattern)
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Half the CPUs tokenize, the rest read/generate; never the whole cluster (it would starve the reads).
@@ -173,7 +210,7 @@ def build_dataset(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fractio
         ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
         # Same remote args on both steps, so Ray fuses them into one operator: each unit is read, cleaned
         # and tokenized in one worker, with no object-store hop between (the fastest layout measured on 2
-        # cores, shared/NOTES.md). The generator's rows depend on the string-hash seed
+        # cores, bench/RESULTS.md). The generator's rows depend on the string-hash seed
         # (pipeline/generate.py): fix it in the workers.
         .map_batches(read_and_prepare, batch_size=1, batch_format="numpy", num_cpus=1,
                      runtime_env={"env_vars": dict(WORKER_ENV)})
@@ -183,7 +220,6 @@ def build_dataset(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fractio
                 tokenizer_json=tokenizer.backend_tokenizer.to_str(), eos_id=tokenizer.eos_token_id,
                 unk_id=tokenizer.unk_token_id, max_input_tokens=cfg.max_input_tokens,
                 max_label_tokens=cfg.max_label_tokens, validation_fraction=fraction, seed=cfg.seed,
-                kill_once_marker=kill_once,
             ),
             # batch_size=None: whole blocks, which the reader already cut at cfg.batch_size rows. A row count
             # here would make Ray bundle ~8k one-row *unit* blocks into a single fused task (no parallelism).
@@ -193,64 +229,122 @@ def build_dataset(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fractio
     )
 
 
-def write_splits(ds, cfg: PipelineConfig, out: Path) -> tuple[dict, dict, dict]:
-    writers = {s: SplitWriter(out / s, DATA_SCHEMA, cfg.rows_per_file) for s in SPLITS}
-    rejects = SplitWriter(out / "rejects", REJECT_SCHEMA, cfg.rows_per_file)
-    stats = {s: LengthStats() for s in SPLITS}
-    rows_in: Counter = Counter()  # by source split (validation rows count under train: carved from it)
-    rejected: dict[str, Counter] = defaultdict(Counter)
+def write_splits(ds, cfg: PipelineConfig, out: Path, buckets: int) -> tuple[dict, dict, dict]:
+    writer = OutputWriter(cfg, out, buckets)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        writer.add(batch)
+    return writer.close()
+
+
+class OutputWriter:
+    """The driver's side of the job: takes the tokenized stream batch by batch (in its deterministic order)
+    and writes kept rows to their split (train/validation shuffled, test in order), rejects to rejects/,
+    while counting every row by split, module, regime and reason, and token lengths by split and module."""
+
+    def __init__(self, cfg: PipelineConfig, out: Path, buckets: int):
+        self.cfg, self.out = cfg, out
+        # train and validation in a seeded random order (readers stream mixed rows); test in source order
+        self.writers = {s: ShuffleWriter(out / s, DATA_SCHEMA, cfg.rows_per_file, seed=cfg.seed, buckets=buckets,
+                                         spill_dir=out / ".shuffle" / s) for s in ("train", "validation")}
+        self.writers["test"] = SplitWriter(out / "test", DATA_SCHEMA, cfg.rows_per_file)
+        self.rejects = SplitWriter(out / "rejects", REJECT_SCHEMA, cfg.rows_per_file)
+        self.stats = {s: LengthStats() for s in SPLITS}
+        self.module_stats: dict[tuple[str, str], LengthStats] = defaultdict(LengthStats)
+        self.rows_in: Counter = Counter()  # by source split (validation rows count under train: carved from it)
+        self.rejected: dict[str, Counter] = defaultdict(Counter)
+        self.kept_by_module: Counter = Counter()  # (module, split, regime) -> rows
+        self.rejected_by_module: Counter = Counter()  # (module, source split, regime) -> rows
+        self.skipped: Counter = Counter()  # module -> samples the generator skipped
+
+    def add(self, batch: pa.Table) -> None:
         source_split = pc.if_else(pc.equal(batch["split"], "validation"), "train", batch["split"])
-        rows_in.update(_value_counts(source_split))
+        self.rows_in.update(_value_counts(source_split))
+        if pc.max(batch["source_skipped"]).as_py():
+            for (module,), n in _group_sum(batch, ["module"], "source_skipped").items():
+                self.skipped[module] += n
         is_rejected = pc.is_valid(batch["reject"])
         if pc.any(is_rejected).as_py():
             bad = batch.filter(is_rejected)
-            if cfg.strict:
+            if self.cfg.strict:
                 first = bad.slice(0, 1).to_pylist()[0]
                 raise RejectError(
                     f"--strict: {bad.num_rows} row(s) in this batch rejected, first reason {first['reject']!r} "
                     f"({REASONS[first['reject']]}); e.g. question={first['question_raw']!r} "
                     f"answer={first['answer_raw']!r}. Fix the source or run without --strict to write rejects")
             bad_split = pc.if_else(pc.equal(bad["split"], "validation"), "train", bad["split"])
-            for (split, reason), n in _pair_counts(bad_split, bad["reject"]).items():
-                rejected[split][reason] += n
-            rejects.write(pa.table({"split": bad_split, "regime": bad["regime"], "reason": bad["reject"],
-                                    "question": bad["question_raw"], "answer": bad["answer_raw"]}))
+            bad = bad.set_column(bad.schema.get_field_index("split"), "split", bad_split)
+            for (split, reason), n in _group_sum(bad, ["split", "reject"]).items():
+                self.rejected[split][reason] += n
+            self.rejected_by_module.update(_group_sum(bad, ["module", "split", "regime"]))
+            self.rejects.write(pa.table({"split": bad_split, "regime": bad["regime"], "module": bad["module"],
+                                         "reason": bad["reject"], "question": bad["question_raw"],
+                                         "answer": bad["answer_raw"]}))
             batch = batch.filter(pc.invert(is_rejected))
+        if batch.num_rows == 0:
+            return
+        self.kept_by_module.update(_group_sum(batch, ["module", "split", "regime"]))
         present = pc.unique(batch["split"]).to_pylist()
-        for split in present:  # usually one split per batch (a unit is one file or shard): no filter copy
+        for split in present:  # usually one split and one module per batch (a unit is one file or shard)
             part = batch if len(present) == 1 else batch.filter(pc.equal(batch["split"], split))
-            writers[split].write(part)
-            stats[split].add(part)
-    files = {s: w.close() for s, w in writers.items()}
-    files["rejects"] = rejects.close()
+            self.writers[split].write(part)
+            self.stats[split].add(part)
+            modules = pc.unique(part["module"]).to_pylist()
+            for module in modules:
+                one = part if len(modules) == 1 else part.filter(pc.equal(part["module"], module))
+                self.module_stats[(module, split)].add(one)
 
-    kept = {s: writers[s].rows for s in SPLITS}
-    n_rejected = sum(sum(c.values()) for c in rejected.values())
-    n_in = sum(rows_in.values())
-    # The accounting invariant: every row read is written exactly once, as kept or as rejected.
-    assert n_in == sum(kept.values()) + n_rejected == sum(kept.values()) + rejects.rows, (n_in, kept, n_rejected)
-    counts = {
-        "rows_in": n_in,
-        "rows_kept": sum(kept.values()),
-        "rows_rejected": n_rejected,
-        "rows_in_by_split": dict(sorted(rows_in.items())),
-        "rows_kept_by_split": kept,
-        "rows_rejected_by_split": {s: dict(sorted(c.items())) for s, c in sorted(rejected.items())},
-        "rows_rejected_by_reason": dict(sorted(sum(rejected.values(), Counter()).items())),
-    }
-    return counts, files, {s: st.to_dict() for s, st in stats.items()}
+    def close(self) -> tuple[dict, dict, dict]:
+        files = {s: self.writers[s].close() for s in SPLITS}
+        files["rejects"] = self.rejects.close()
+        shutil.rmtree(self.out / ".shuffle", ignore_errors=True)
+        kept = {s: self.writers[s].rows for s in SPLITS}
+        n_rejected = sum(sum(c.values()) for c in self.rejected.values())
+        n_in = sum(self.rows_in.values())
+        # The accounting invariant: every row read is written exactly once, as kept or as rejected. A real
+        # check (not an assert, which python -O removes): a broken invariant must never write a manifest.
+        if not n_in == sum(kept.values()) + n_rejected == sum(kept.values()) + self.rejects.rows:
+            raise RuntimeError(f"row accounting broken: {n_in} rows in, kept {kept}, rejected {n_rejected} "
+                               f"(rejects file {self.rejects.rows}); refusing to write a manifest")
+        counts = {
+            "rows_in": n_in,
+            "rows_kept": sum(kept.values()),
+            "rows_rejected": n_rejected,
+            "rows_in_by_split": dict(sorted(self.rows_in.items())),
+            "rows_kept_by_split": kept,
+            "rows_rejected_by_split": {s: dict(sorted(c.items())) for s, c in sorted(self.rejected.items())},
+            "rows_rejected_by_reason": dict(sorted(sum(self.rejected.values(), Counter()).items())),
+            "modules": sorted({m for m, _, _ in self.kept_by_module} | {m for m, _, _ in self.rejected_by_module},
+                              key=str),
+            "rows_kept_by_module": _nest(self.kept_by_module),
+            "rows_rejected_by_module": _nest(self.rejected_by_module),
+            "generator_skipped_samples": dict(sorted(self.skipped.items(), key=lambda kv: str(kv[0]))),
+        }
+        stats = {s: st.to_dict() for s, st in self.stats.items()}
+        by_module: dict = defaultdict(dict)
+        for (module, split), st in sorted(self.module_stats.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+            by_module[str(module)][split] = st.to_dict()
+        counts["token_lengths_by_module"] = dict(by_module)
+        return counts, files, stats
 
 
 def _value_counts(x: pa.Array | pa.ChunkedArray) -> Counter:
     return Counter({v["values"]: v["counts"] for v in pc.value_counts(x).to_pylist()})
 
 
-def _pair_counts(split: pa.Array, reason: pa.Array) -> Counter:
-    t = pa.table({"s": split, "r": reason}).group_by(["s", "r"]).aggregate([([], "count_all")])
-    return Counter({(r["s"], r["r"]): r["count_all"] for r in t.to_pylist()})
+def _group_sum(t: pa.Table, keys: list[str], column: str | None = None) -> Counter:
+    """Rows (or the sum of `column`) per distinct combination of `keys`: {(k1, k2, ...): n}."""
+    agg = (column, "sum") if column else ([], "count_all")
+    name = f"{column}_sum" if column else "count_all"
+    g = t.select(keys + ([column] if column else [])).group_by(keys).aggregate([agg])
+    return Counter({tuple(r[k] for k in keys): r[name] for r in g.to_pylist()})
 
 
+def _nest(counts: Counter) -> dict:
+    """{(module, split, regime): n} -> {module: {split: {regime: n}}} (JSON keys: a null module is "None")."""
+    out: dict = {}
+    for (module, split, regime), n in sorted(counts.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        out.setdefault(str(module), {}).setdefault(split, {})[regime] = n
+    return out
 
 
 def push_to_hub(out: Path, repo: str) -> None:

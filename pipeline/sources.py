@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from cluster.core import SourceError
+from pipeline.answers import module_of_name
 from pipeline.config import TEST_REGIMES, TRAIN_REGIMES, PipelineConfig
 
 FORMATS = {
@@ -32,6 +33,7 @@ FORMATS = {
     ".txt": "v1txt",
 }
 SPLITS = ("train", "validation", "test")
+LABEL_COLUMNS = ("regime", "split", "module")  # optional columns a file may have beside question/answer
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
 OFFLINE_ALTERNATIVES = (
     "offline alternatives: --source generate (DeepMind's generator, the default), or a local copy: a "
@@ -48,7 +50,8 @@ class ReadUnit:
     rows: int = 0  # generate: rows to sample; files: row count where cheaply known (else 0)
     shard: int = 0
     seed: int = 0
-    module: str = ""
+    module: str = ""  # the rows' module ("": a file with a `module` column)
+    source_module: str = ""  # generate: the generator's module (an extrapolation module for extrapolate)
     fs_spec: str = ""  # how to reopen the filesystem inside a worker (the source spec)
     row_groups: tuple[int, ...] = ()  # parquet: the row groups this unit's row range overlaps (empty = all)
     skip: int = 0  # parquet: rows of the first of those row groups before this unit's range
@@ -132,39 +135,59 @@ def _ext(path: str) -> str:
 def plan(cfg: PipelineConfig) -> tuple[list[ReadUnit], dict]:
     """The read units of cfg.source, and facts about the source for the manifest."""
     if cfg.source == "generate":
-        return plan_generate(cfg), {"kind": "generate", "module": cfg.module}
-    spec = cfg.source
-    if spec.startswith("hf:") and not spec.startswith("hf://"):
-        spec = resolve_hub(spec[3:], cfg.module)
-    fs, root = resolve_filesystem(spec)
-    files = list_files(fs, root)
+        return plan_generate(cfg), {"kind": "generate", "modules": cfg.module_list()}
+    wanted = None if cfg.modules == ["all"] else set(cfg.modules)
+    specs = [cfg.source]
+    if cfg.source.startswith("hf:") and not cfg.source.startswith("hf://"):
+        # hf:<id>:<config> names one config; hf:<id> reads one config per module
+        ref = cfg.source[3:]
+        specs = [resolve_hub(ref, "")] if ref.count(":") else [resolve_hub(ref, m) for m in cfg.module_list()]
     units, ignored = [], []
-    for path, parts in files:
-        kind = FORMATS.get(_ext(path))
-        if kind is None:
-            ignored.append(path)
-            continue
-        if kind == "v1txt" and os.path.splitext(parts[-1])[0] != cfg.module:
-            ignored.append(path)  # the v1.0 release holds every module in each regime folder
-            continue
-        units.extend(_file_units(fs, path, parts, kind, spec))
+    for spec in specs:
+        fs, root = resolve_filesystem(spec)
+        for path, parts in list_files(fs, root):
+            kind = FORMATS.get(_ext(path))
+            named = _module_in_path(parts, kind)
+            if kind is None or (named and wanted is not None and named not in wanted):
+                ignored.append(path)  # e.g. the v1.0 release holds every module in each regime folder
+                continue
+            units.extend(_file_units(fs, path, parts, kind, spec, named, wanted))
     if not units:
+        names = "<module>" if wanted is None else "|".join(sorted(wanted))
         raise SourceError(
             f"no data files under {cfg.source}: expected .parquet, .jsonl, .arrow files or the v1.0 layout "
-            f"<regime>/{cfg.module}.txt" + (f" (ignored: {', '.join(ignored[:5])})" if ignored else "")
+            f"<regime>/{names}.txt" + (f" (ignored: {', '.join(ignored[:5])})" if ignored else "")
         )
-    return units, {"kind": "files", "spec": cfg.source, "files": len(units), "ignored_files": len(ignored)}
+    modules = sorted({u.module for u in units if u.module})
+    return units, {"kind": "files", "spec": cfg.source, "files": len(units), "ignored_files": len(ignored),
+                   "modules": modules}
+
+
+def _module_in_path(parts: list[str], kind: str | None) -> str | None:
+    """The module a file holds by its name: the nearest path component that is a generator module (an
+    extrapolation module's name gives its base module); a v1.0 text file is named after its module."""
+    for part in reversed(parts):
+        stem = part.split(".")[0]
+        found = module_of_name(stem)
+        if found:
+            return found
+    if kind == "v1txt":
+        return os.path.splitext(parts[-1])[0]
+    return None
 
 
 def plan_generate(cfg: PipelineConfig) -> list[ReadUnit]:
+    """Shards of every (module, regime): the train regimes at the module's weight, then its test sets
+    (interpolate; extrapolate where the generator has one, sampled from the extrapolation module)."""
     units = []
-    for regimes, split, rows in ((TRAIN_REGIMES, "train", cfg.train_rows_per_regime),
-                                 (TEST_REGIMES, "test", cfg.test_rows)):
-        for regime in regimes:
+    for module in cfg.module_list():
+        sets = [(regime, "train", module, cfg.train_rows(module)) for regime in TRAIN_REGIMES]
+        sets += [(regime, "test", source, rows) for regime, source, rows in cfg.test_units(module)]
+        for regime, split, source, rows in sets:
             for shard in range(math.ceil(rows / cfg.rows_per_shard)):
                 n = min(cfg.rows_per_shard, rows - shard * cfg.rows_per_shard)
                 units.append(ReadUnit("generate", split, regime, rows=n, shard=shard, seed=cfg.seed,
-                                      module=cfg.module))
+                                      module=module, source_module=source))
     return units
 
 
@@ -174,8 +197,16 @@ def plan_generate(cfg: PipelineConfig) -> list[ReadUnit]:
 PARQUET_ROWS_PER_UNIT = 50_000
 
 
-def _file_units(fs: pafs.FileSystem, path: str, parts: list[str], kind: str, spec: str) -> list[ReadUnit]:
+def _file_units(fs: pafs.FileSystem, path: str, parts: list[str], kind: str, spec: str, module: str | None,
+                wanted: set[str] | None) -> list[ReadUnit]:
     columns, rows, groups = inspect_file(fs, path, kind)
+    if module is None and "module" not in columns:
+        if wanted is None or len(wanted) != 1:
+            raise SourceError(f"{path}: cannot tell which module it holds: name the file or a folder above it "
+                              f"after the module (e.g. algebra__linear_1d/train/0000.parquet), add a `module` "
+                              f"column, or select one module with --modules")
+        (module,) = wanted
+    module = module or ""
     found = split_of_path(parts)
     if kind == "v1txt" and (found is None or found[1] in ("train", "test", "validation")):
         raise SourceError(f"{path}: a v1.0 text file must sit in a regime folder (train-easy, train-medium, "
@@ -185,13 +216,13 @@ def _file_units(fs: pafs.FileSystem, path: str, parts: list[str], kind: str, spe
                           f"(or a v1.0 regime), or add a `split` column")
     split, regime = found if found else (None, None)
     if kind != "parquet" or rows <= PARQUET_ROWS_PER_UNIT:
-        return [ReadUnit(kind, split, regime, path=path, rows=rows, fs_spec=spec)]
+        return [ReadUnit(kind, split, regime, path=path, rows=rows, fs_spec=spec, module=module)]
     group_start = [sum(groups[:i]) for i in range(len(groups))]
     units = []
     for start in range(0, rows, PARQUET_ROWS_PER_UNIT):
         stop = min(rows, start + PARQUET_ROWS_PER_UNIT)
         overlap = tuple(i for i, g in enumerate(groups) if group_start[i] < stop and group_start[i] + g > start)
-        units.append(ReadUnit(kind, split, regime, path=path, rows=stop - start, fs_spec=spec,
+        units.append(ReadUnit(kind, split, regime, path=path, rows=stop - start, fs_spec=spec, module=module,
                               row_groups=overlap, skip=start - group_start[overlap[0]]))
     return units
 
@@ -202,7 +233,7 @@ def _check_columns(path: str, schema: pa.Schema) -> None:
     if missing:
         raise SourceError(f"{path}: missing column(s) {missing}; it has {names}. The pipeline reads `question` "
                           f"and `answer` (strings): rename the columns")
-    for c in ("question", "answer", "regime", "split"):
+    for c in ("question", "answer", *LABEL_COLUMNS):
         if c in names and schema.field(c).type not in TEXT_TYPES:
             raise SourceError(f"{path}: column `{c}` has type {schema.field(c).type}; expected strings")
 
@@ -240,7 +271,7 @@ def inspect_file(fs: pafs.FileSystem, path: str, kind: str) -> tuple[list[str], 
             if missing:
                 raise SourceError(f"{path}: missing field(s) {missing}; it has {sorted(obj)}. Rename them to "
                                   f"`question` and `answer`")
-            for c in ("question", "answer", "regime", "split"):
+            for c in ("question", "answer", *LABEL_COLUMNS):
                 if c in obj and obj[c] is not None and not isinstance(obj[c], str):
                     raise SourceError(f"{path}: field `{c}` holds {type(obj[c]).__name__} values; expected strings")
             return sorted(obj), 0, []
@@ -264,7 +295,8 @@ def _arrow_schema_rows(f) -> tuple[pa.Schema, int]:
 
 def resolve_hub(ref: str, module: str) -> str:
     """hf:<id>[:config] -> an hf:// path of its Parquet files (the refs/convert/parquet branch when the
-    repo is a loading script, as deepmind/math_dataset is). Fails fast when the hub is unreachable."""
+    repo is a loading script, as deepmind/math_dataset is); without a config, `module`'s. Fails fast when
+    the hub is unreachable."""
     repo, _, config = ref.partition(":")
     config = config or module
     if not repo or "/" not in repo:
@@ -319,14 +351,22 @@ def _raw_table(question: pa.Array, answer: pa.Array, reject: pa.Array | None = N
 
 
 def _read_generate(unit: ReadUnit) -> Iterator[pa.Table]:
+    import numpy as np
+
     from pipeline.generate import generate_rows, shard_seed
 
-    q, a, dropped = generate_rows(unit.module, unit.regime, unit.rows,
-                                  shard_seed(unit.seed, unit.module, unit.regime, unit.shard))
+    source = unit.source_module or unit.module
+    q, a, skipped = generate_rows(source, unit.regime, unit.rows, shard_seed(unit.seed, source, unit.regime, unit.shard))
     t = _raw_table(pa.array(q, pa.string()), pa.array(a, pa.string()))
     n = len(q)
+    # The samples the generator itself skipped (over its length caps) ride on the shard's first row, so
+    # the driver can count them for the manifest (they never become rows).
+    counts = np.zeros(n, dtype=np.int64)
+    if n:
+        counts[0] = skipped
     yield t.append_column("regime", pa.array([unit.regime] * n, pa.string())).append_column(
-        "split", pa.array([unit.split] * n, pa.string()))
+        "split", pa.array([unit.split] * n, pa.string())).append_column(
+        "module", pa.array([unit.module] * n, pa.string())).append_column("source_skipped", pa.array(counts))
 
 
 def _with_split_regime(t: pa.Table, unit: ReadUnit) -> pa.Table:
@@ -349,20 +389,28 @@ def _with_split_regime(t: pa.Table, unit: ReadUnit) -> pa.Table:
 
         regime = t["regime"].cast(pa.string())
         t = t.set_column(t.schema.get_field_index("regime"), "regime", pc.coalesce(regime, t["split"]))
-    return t.select(["question", "answer", "source_reject", "regime", "split"])
+    own = pa.array([unit.module or None] * n, pa.string())
+    if "module" not in t.column_names:
+        t = t.append_column("module", own)
+    else:
+        import pyarrow.compute as pc
+
+        t = t.set_column(t.schema.get_field_index("module"), "module",
+                         pc.coalesce(t["module"].cast(pa.string()), own))
+    return t.select(["question", "answer", "source_reject", "regime", "split", "module"])
 
 
 def _pick(t: pa.Table | pa.RecordBatch, path: str) -> pa.Table:
     if isinstance(t, pa.RecordBatch):
         t = pa.Table.from_batches([t])
-    for c in ("question", "answer", "regime", "split"):
+    for c in ("question", "answer", *LABEL_COLUMNS):
         if c in t.column_names and t.schema.field(c).type not in TEXT_TYPES and t.schema.field(c).type != pa.null():
             raise SourceError(f"{path}: column `{c}` has type {t.schema.field(c).type}; expected strings")
     missing = [c for c in ("question", "answer") if c not in t.column_names]
     if missing:
         raise SourceError(f"{path}: missing column(s) {missing}; it has {t.column_names}")
     out = _raw_table(t["question"].combine_chunks(), t["answer"].combine_chunks())
-    for c in ("regime", "split"):
+    for c in LABEL_COLUMNS:
         if c in t.column_names:
             out = out.append_column(c, t[c].cast(pa.string()))
     return out
@@ -373,7 +421,7 @@ def _read_parquet(fs, unit: ReadUnit, batch_rows: int) -> Iterator[pa.Table]:
 
     with fs.open_input_file(unit.path) as f:
         pf = pq.ParquetFile(f)
-        cols = [c for c in ("question", "answer", "regime", "split") if c in pf.schema_arrow.names]
+        cols = [c for c in ("question", "answer", *LABEL_COLUMNS) if c in pf.schema_arrow.names]
         if not unit.row_groups:
             for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
                 yield _pick(batch, unit.path)
@@ -412,14 +460,14 @@ def _read_jsonl(fs, unit: ReadUnit, batch_rows: int) -> Iterator[pa.Table]:
     if not data.strip():
         return
     # Every text field read as a string: a value like 12 in `answer` must not turn the column into int64.
-    schema = pa.schema([(c, pa.string()) for c in ("question", "answer", "regime", "split")])
+    schema = pa.schema([(c, pa.string()) for c in ("question", "answer", *LABEL_COLUMNS)])
     try:
         t = pj.read_json(pa.BufferReader(data), parse_options=pj.ParseOptions(
             explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=False),
             read_options=pj.ReadOptions(block_size=max(1 << 20, min(len(data), 64 << 20))))
     except pa.ArrowInvalid as e:
         raise SourceError(f"{unit.path}: not valid JSON Lines ({e})") from e
-    for c in ("regime", "split"):
+    for c in LABEL_COLUMNS:
         if t[c].null_count == t.num_rows:
             t = t.drop_columns([c])
     for start in range(0, t.num_rows, batch_rows):
@@ -427,13 +475,19 @@ def _read_jsonl(fs, unit: ReadUnit, batch_rows: int) -> Iterator[pa.Table]:
 
 
 def _read_v1txt(fs, unit: ReadUnit, batch_rows: int) -> Iterator[pa.Table]:
-    """DeepMind v1.0 layout: question and answer on alternating lines. Blank lines are not records (the
-    generator never writes one) and are skipped; an odd line count leaves the last question unpaired,
-    which becomes a reject (unpaired_line), never a silent drop. Lines stay bytes here: decoding (and
-    rejecting non-UTF-8 rows) is the cleaning step's job."""
+    """DeepMind v1.0 layout: question and answer on alternating lines, read strictly as line pairs (lines
+    1+2, 3+4, ...). A blank line is never skipped: skipping it would shift every later pair (questions
+    read as answers). A pair with an empty question or answer is a row like any other, which cleaning
+    rejects (empty_question / empty_answer); an odd line count leaves the last line unpaired, a reject
+    (unpaired_line). So every line of the file is in exactly one row, kept or rejected with a reason.
+    Lines stay bytes here: decoding (and rejecting non-UTF-8 rows) is the cleaning step's job."""
     with fs.open_input_stream(unit.path) as f:
         data = f.read()
-    lines = [line for line in data.split(b"\n") if line.strip()]
+    if not data:
+        return
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()  # the last line's terminator, not an empty line
     pairs = len(lines) // 2
     for start in range(0, pairs, batch_rows):
         chunk = lines[2 * start: 2 * min(pairs, start + batch_rows)]

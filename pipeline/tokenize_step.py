@@ -1,6 +1,6 @@
 """Tokenization inside Ray Data: a callable class, so each actor builds the tokenizer once.
 
-Fast path (measured in shared/NOTES.md): the `tokenizers` backend's `encode_batch_fast` (no offsets),
+Fast path (measured on 2 cores: bench/RESULTS.md, "Pipeline"): the `tokenizers` backend's `encode_batch_fast` (no offsets),
 ids flattened once with numpy and wrapped as Arrow ListArrays from offsets; no Python list per row
 beyond what the backend returns. The tokenizer travels as its JSON (tokenizer.json), so workers on
 other nodes need neither the hub nor the output folder.
@@ -12,8 +12,6 @@ seeded validation hold-out, so one pass over the rows does all per-row work afte
 from __future__ import annotations
 
 import itertools
-import os
-import signal
 
 import numpy as np
 import pandas as pd
@@ -21,9 +19,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.validate import token_reasons
-
-OUTPUT_COLUMNS = ["question", "answer", "regime", "split", "input_ids", "attention_mask", "labels",
-                  "reject", "question_raw", "answer_raw"]
 
 
 def holdout_key(seed: int) -> str:
@@ -70,8 +65,7 @@ class TokenizeBatch:
     """map_batches UDF: prepared text rows -> + input_ids / attention_mask / labels, token checks, split."""
 
     def __init__(self, tokenizer_json: str, eos_id: int, unk_id: int | None, max_input_tokens: int,
-                 max_label_tokens: int, validation_fraction: float, seed: int,
-                 kill_once_marker: str | None = None):
+                 max_label_tokens: int, validation_fraction: float, seed: int):
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_str(tokenizer_json)
@@ -82,7 +76,6 @@ class TokenizeBatch:
         self.append_eos = self.tok.encode("1").ids[-1:] != [eos_id]
         self.max_input_tokens, self.max_label_tokens = max_input_tokens, max_label_tokens
         self.validation_fraction, self.seed = validation_fraction, seed
-        self.kill_once_marker = kill_once_marker  # fault injection for the reliability test only
 
     def _encode(self, texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
         encodings = self.tok.encode_batch_fast(texts.fill_null("").to_pylist())
@@ -104,9 +97,6 @@ class TokenizeBatch:
         return lists.take(index), lengths[index.to_numpy()]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.kill_once_marker and not os.path.exists(self.kill_once_marker):
-            open(self.kill_once_marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)  # die mid-tokenization, as a preempted worker would
         question = batch["question"].combine_chunks()
         answer = batch["answer"].combine_chunks()
         input_ids, in_len = self._encode(question)
@@ -123,6 +113,7 @@ class TokenizeBatch:
         a_raw = pc.if_else(rejected, batch["answer_raw"].combine_chunks(), nothing)
         return pa.table({
             "question": question, "answer": answer, "regime": batch["regime"].combine_chunks(),
-            "split": split, "input_ids": input_ids, "attention_mask": _ones_like(input_ids), "labels": labels,
+            "module": batch["module"].combine_chunks(), "split": split, "input_ids": input_ids, "attention_mask": _ones_like(input_ids), "labels": labels,
             "reject": reject, "question_raw": q_raw, "answer_raw": a_raw,
+            "source_skipped": batch["source_skipped"].combine_chunks(),
         })

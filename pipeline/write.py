@@ -1,13 +1,19 @@
-"""Writing: Parquet per split with a byte-stable layout, token-length statistics, the manifest.
+"""Writing: Parquet per split with a byte-stable layout, a seeded shuffle, token-length statistics.
 
 Files and row groups are cut at fixed row counts of the (ordered) row stream, never at Ray's block
 boundaries, so the same rows always give the same bytes: the content hash in the manifest is
 reproducible across runs, worker counts and faults.
+
+Train and validation are written in a seeded uniform random order (ShuffleWriter), so that any reader
+streaming the files front to back sees every regime and module mixed in its share, not the source's
+regime-by-regime order (an accidental easy -> medium -> hard curriculum). The shuffle is a two-pass
+bucket shuffle that keeps memory bounded by one bucket, not by the split.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +78,86 @@ class SplitWriter:
             self.writer.close()
             self.writer = None
         return self.files
+
+
+# Rows per shuffle bucket the writer aims for: one bucket is read back into memory at close (~50 MB of
+# tokenized rows at 200k), so memory stays bounded whatever the split's size.
+SHUFFLE_BUCKET_ROWS = 200_000
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """A counter-based 64-bit mix (SplitMix64's finalizer): the same input always gives the same output,
+    so a row's bucket depends on its position in the stream only, never on how the stream was batched."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def stream_key(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"shuffle/{seed}/{name}".encode()).digest()[:8], "little")
+
+
+def bucket_ids(start: int, n: int, buckets: int, key: int) -> np.ndarray:
+    """Bucket of the rows at stream positions start..start+n-1: uniform over [0, buckets), seeded by key."""
+    pos = np.arange(start, start + n, dtype=np.uint64) ^ np.uint64(key)
+    return (splitmix64(pos) % np.uint64(buckets)).astype(np.int64)
+
+
+class ShuffleWriter:
+    """A SplitWriter whose rows come out in a seeded uniform random order, memory bounded by one bucket.
+
+    Pass 1 (write): each row goes to one of `buckets` spill files (Arrow IPC) by a seeded hash of its
+    position in the deterministic stream. Pass 2 (close): each bucket is read back, permuted by its own
+    seeded permutation and written through a SplitWriter, bucket after bucket. A uniform random bucket
+    followed by a uniform permutation within the bucket is a uniform permutation of the whole split, and
+    since every bucket is a uniform sample, every window of consecutive rows is mixed as well.
+    Same rows in the same stream order + same seed -> the same bytes.
+    """
+
+    def __init__(self, directory: Path, schema: pa.Schema, rows_per_file: int, *, seed: int, buckets: int,
+                 spill_dir: Path):
+        self.out = SplitWriter(directory, schema, rows_per_file)
+        self.schema, self.seed, self.buckets = schema, seed, max(1, buckets)
+        self.key = stream_key(seed, directory.name)
+        self.spill_dir = spill_dir
+        self.spills: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        n = table.num_rows
+        if n == 0:
+            return
+        table = table.select(self.schema.names).cast(self.schema)
+        ids = bucket_ids(self.rows, n, self.buckets, self.key)
+        self.rows += n
+        order = np.argsort(ids, kind="stable")  # group rows by bucket, keeping stream order within each
+        bounds = np.searchsorted(ids[order], np.arange(self.buckets + 1))
+        grouped = table.take(pa.array(order))
+        for b in np.flatnonzero(np.diff(bounds)):
+            self._spill(int(b)).write_table(grouped.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])))
+
+    def _spill(self, b: int) -> pa.ipc.RecordBatchStreamWriter:
+        if b not in self.spills:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            self.spills[b] = pa.ipc.new_stream(str(self.spill_dir / f"bucket-{b:05d}.arrow"), self.schema)
+        return self.spills[b]
+
+    def close(self) -> list[Path]:
+        for w in self.spills.values():
+            w.close()
+        for b in sorted(self.spills):
+            path = self.spill_dir / f"bucket-{b:05d}.arrow"
+            with pa.OSFile(str(path)) as src:
+                bucket = pa.ipc.open_stream(src).read_all()
+            perm = np.random.default_rng([self.key & 0xFFFFFFFF, self.key >> 32, b]).permutation(bucket.num_rows)
+            self.out.write(bucket.take(pa.array(perm)))
+            del bucket
+            path.unlink()
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+        return self.out.close()
 
 
 class LengthStats:

@@ -4,8 +4,12 @@ mid-tokenization, bad rows accounted for, clear errors from inside Ray tasks."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +62,18 @@ def test_generate_end_to_end_manifest_matches_parquet(generated):
             assert tok.decode(r["input_ids"], skip_special_tokens=True) == r["question"]
             assert tok.decode(r["labels"], skip_special_tokens=True) == r["answer"]
             assert r["regime"] in (("interpolate",) if split == "test" else ("train-easy", "train-medium", "train-hard"))
+            assert r["module"] == "algebra__linear_1d"
     assert total == manifest["rows_kept"]
+    by_module = manifest["rows_kept_by_module"]["algebra__linear_1d"]
+    assert {s: sum(r.values()) for s, r in by_module.items()} == {s: n for s, n in manifest["rows_kept_by_split"].items() if n}
+    assert manifest["token_lengths_by_module"]["algebra__linear_1d"]["test"] == manifest["token_lengths"]["test"]
+    assert manifest["generator_skipped_samples"].keys() <= {"algebra__linear_1d"}
+    # train is written shuffled, not regime by regime: each third of the file holds all three regimes
+    regimes = pq.read_table(out / "train")["regime"].to_pylist()
+    for third in range(3):
+        chunk = regimes[third * len(regimes) // 3: (third + 1) * len(regimes) // 3]
+        assert set(chunk) == {"train-easy", "train-medium", "train-hard"}
+    assert not (out / ".shuffle").exists()
     assert 0 < manifest["rows_kept_by_split"]["validation"] < 0.25 * 300
     assert pq.read_table(out / "rejects").num_rows == manifest["rows_rejected"]
     files = [f for fs in manifest["files"].values() for f in fs]
@@ -74,13 +89,77 @@ def test_same_seed_same_bytes_with_another_worker_count(generated, tmp_path):
     assert again["content_sha256"] == first["content_sha256"]
 
 
+def _tokenize_workers() -> list[int]:
+    """Pids of this Ray session's tokenize actors: the raylet's children titled ray::MapWorker(...TokenizeBatch)."""
+    import psutil
+    import ray
+
+    node = ray._private.worker._global_node
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    pids = []
+    for p in raylet.children(recursive=True):
+        try:
+            title = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith("ray::") and "MapWorker" in title and "TokenizeBatch" in title:
+            pids.append(p.pid)
+    return pids
+
+
 def test_worker_killed_mid_tokenization_gives_identical_output(generated, tmp_path):
+    """A tokenize actor SIGKILLed from outside (by pid, as a preempted node would) while the job runs:
+    Ray restarts it and retries its batch; the output is byte-identical to the fault-free run."""
     _, first = generated
-    marker = tmp_path / "killed-once"
-    faulty = run(PipelineConfig(output=str(tmp_path / "data"), **GEN), _kill_worker_once=str(marker))
-    assert marker.exists()  # a tokenizer worker really was SIGKILLed; Ray restarted it and retried the batch
+    out = tmp_path / "data"
+    result: dict = {}
+    # small batches: many blocks, so the job is still tokenizing when the first rows reach the writer
+    job = threading.Thread(target=lambda: result.update(m=run(PipelineConfig(output=str(out), batch_size=10,
+                                                                             **GEN))))
+    job.start()
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and job.is_alive() and time.time() < deadline:
+        pids = _tokenize_workers()
+        if pids and any((out / ".shuffle").glob("*/bucket-*.arrow")):  # rows are flowing: mid-stream
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.05)
+    job.join(timeout=300)
+    assert killed is not None, "no tokenize worker was found running while the job was writing"
+    faulty = result["m"]
     assert faulty["rows_in"] == first["rows_in"] and faulty["rows_kept_by_split"] == first["rows_kept_by_split"]
     assert faulty["content_sha256"] == first["content_sha256"]
+
+
+def test_three_module_mixture_end_to_end(ray_local, tmp_path):
+    """Three modules of different answer forms: every row keeps its module, each module has its test set
+    (arithmetic__add_or_sub also its extrapolation set), the manifest counts module x split x regime, and
+    the train split streams the modules mixed."""
+    modules = ["algebra__linear_1d", "numbers__is_prime", "arithmetic__add_or_sub"]
+    m = run(PipelineConfig(output=str(tmp_path / "data"), modules=modules, train_rows_per_regime=60, test_rows=20,
+                           extrapolate_rows=10, rows_per_shard=30, validation_size=0.1, seed=3,
+                           module_weights={"numbers__is_prime": 0.5}))
+    assert m["modules"] == sorted(modules) and m["source"]["modules"] == modules
+    assert m["rows_in"] == 3 * (60 + 30 + 60) + 3 * 20 + 10 == m["rows_kept"] + m["rows_rejected"]
+    for module in modules:
+        kept, rejected = m["rows_kept_by_module"][module], m["rows_rejected_by_module"].get(module, {})
+        regimes = lambda d, split: d.get(split, {})  # noqa: E731
+        train = sum(regimes(kept, "train").values()) + sum(regimes(kept, "validation").values()) + \
+            sum(regimes(rejected, "train").values())
+        assert train == 3 * (30 if module == "numbers__is_prime" else 60)
+        assert set(kept["test"]) == ({"interpolate", "extrapolate"} if module == "arithmetic__add_or_sub"
+                                     else {"interpolate"})
+        assert {"train", "test"} <= set(m["token_lengths_by_module"][module])
+    test = pq.read_table(tmp_path / "data" / "test").to_pylist()
+    extra = [r for r in test if r["regime"] == "extrapolate"]
+    assert len(extra) == m["rows_kept_by_module"]["arithmetic__add_or_sub"]["test"]["extrapolate"]
+    assert {r["module"] for r in extra} == {"arithmetic__add_or_sub"}
+    assert {r["answer"] for r in test if r["module"] == "numbers__is_prime"} <= {"True", "False"}
+    train = pq.read_table(tmp_path / "data" / "train")["module"].to_pylist()
+    for half in (train[: len(train) // 2], train[len(train) // 2:]):
+        assert set(half) == set(modules)
+        assert 0.1 < half.count("numbers__is_prime") / len(half) < 0.35  # its weight: 1/5 of train
 
 
 def _bad_source(root: Path) -> Path:

@@ -18,7 +18,7 @@ ROWS = [("Solve 2*x = 4 for x.", "2"), ("Solve -y = 3 for y.", "-3"), ("Solve 5*
 
 def read_all(source, **kw) -> pa.Table:
     units, _ = plan(PipelineConfig(source=str(source), **kw))
-    tables = [prepare_text(t, max_chars=2000, answer_regex=r"-?\d+") for u in units for t in read_unit(u, 2)]
+    tables = [prepare_text(t, max_chars=2000) for u in units for t in read_unit(u, 2)]
     return pa.concat_tables(tables)
 
 
@@ -84,23 +84,39 @@ def test_arrow_ipc_file_and_stream(tmp_path):
     assert t["answer"].to_pylist() == ["2", "-3", "-1"] * 2
 
 
-def test_v1_layout_blank_lines_odd_count_and_non_utf8(tmp_path):
+def test_v1_layout_odd_count_and_non_utf8(tmp_path):
     for regime in ("train-easy", "interpolate"):
         (tmp_path / regime).mkdir()
     (tmp_path / "train-easy" / "algebra__linear_1d.txt").write_bytes(
-        b"Solve 2*x = 4 for x.\n2\n\nSolve -y = 3 for y.\n-3\nSolve caf\xe9 = 1 for c.\n1\nSolve q = 1 for q.\n")
+        b"Solve 2*x = 4 for x.\n2\nSolve -y = 3 for y.\n-3\nSolve caf\xe9 = 1 for c.\n1\nSolve q = 1 for q.\n")
     (tmp_path / "interpolate" / "algebra__linear_1d.txt").write_bytes(b"Solve 5*z + 5 = 0 for z.\n-1\n")
     (tmp_path / "train-easy" / "numbers__gcd.txt").write_bytes(b"other module\n1\n")  # ignored
     t = read_all(tmp_path)
     assert t.num_rows == 5
     by_q = {r["question_raw"]: r for r in t.to_pylist()}
     assert by_q["Solve 2*x = 4 for x."]["reject"] is None
-    assert by_q["Solve -y = 3 for y."]["regime"] == "train-easy"  # the blank line did not shift the pairing
+    assert by_q["Solve -y = 3 for y."]["regime"] == "train-easy"
     assert by_q["Solve caf\\xe9 = 1 for c."]["reject"] == "not_utf8"
     assert by_q["Solve q = 1 for q."]["reject"] == "unpaired_line"
     assert by_q["Solve 5*z + 5 = 0 for z."]["split"] == "test"
     _, info = plan(PipelineConfig(source=str(tmp_path)))
     assert info["ignored_files"] == 1
+
+
+def test_v1_layout_is_read_strictly_as_line_pairs(tmp_path):
+    """The issue's file: an empty first answer must not shift the later pairs (it used to: every later
+    question was read as an answer and all 4 rows were lost)."""
+    (tmp_path / "train-easy").mkdir()
+    (tmp_path / "train-easy" / "algebra__linear_1d.txt").write_text("Q1\n\nQ2\n2\nQ3\n3\nQ4\n4\n")
+    t = read_all(tmp_path)
+    assert t.num_rows == 4  # 8 lines, 4 rows in
+    assert [(r["question"], r["answer"], r["reject"]) for r in t.to_pylist()] == [
+        ("Q1", "", "empty_answer"), ("Q2", "2", None), ("Q3", "3", None), ("Q4", "4", None)]
+    # a blank question line, and a blank line at the end (an odd count): each a reject, nothing shifted
+    (tmp_path / "train-easy" / "algebra__linear_1d.txt").write_text("\n5\nQ6\n6\n\n")
+    t = read_all(tmp_path)
+    assert [(r["question"], r["answer"], r["reject"]) for r in t.to_pylist()] == [
+        ("", "5", "empty_question"), ("Q6", "6", None), ("", None, "unpaired_line")]
 
 
 def test_v1_text_outside_a_regime_folder_is_an_error(tmp_path):
@@ -165,3 +181,41 @@ def test_hub_source_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceError, match="not reachable.*--source generate.*v1.0 release layout"):
         plan(PipelineConfig(source="hf:deepmind/math_dataset"))
+
+
+def test_several_modules_from_v1_layout_and_hub_layout(tmp_path):
+    v1 = tmp_path / "v1"
+    for regime, files in (("train-easy", {"algebra__linear_1d": "Solve x = 1 for x.\n1\n", "numbers__is_prime":
+                                          "Is 7 prime?\nTrue\nIs 8 prime?\nmaybe\n", "numbers__gcd": "gcd?\n3\n"}),
+                          ("extrapolate", {"arithmetic__add_or_sub_big": "1 + 2?\n3\n"}),
+                          ("interpolate", {"arithmetic__add_or_sub": "0.5 + 1?\n1.5\n"})):
+        (v1 / regime).mkdir(parents=True)
+        for module, text in files.items():
+            (v1 / regime / f"{module}.txt").write_text(text)
+    t = read_all(v1, modules=["algebra__linear_1d", "numbers__is_prime", "arithmetic__add_or_sub"])
+    rows = sorted((r["module"], r["regime"], r["split"], r["answer"], r["reject"]) for r in t.to_pylist())
+    assert rows == [("algebra__linear_1d", "train-easy", "train", "1", None),
+                    ("arithmetic__add_or_sub", "extrapolate", "test", "3", None),  # the _big file: its base module
+                    ("arithmetic__add_or_sub", "interpolate", "test", "1.5", None),
+                    ("numbers__is_prime", "train-easy", "train", "True", None),
+                    ("numbers__is_prime", "train-easy", "train", "maybe", "answer_form")]  # its own form
+    _, info = plan(PipelineConfig(source=str(v1), modules=["all"]))
+    assert info["modules"] == ["algebra__linear_1d", "arithmetic__add_or_sub", "numbers__gcd", "numbers__is_prime"]
+
+    # hub layout: <module>/<split>/0000.parquet; and a file without a module in its name needs a module column
+    hub = tmp_path / "hub"
+    for module, answer in (("algebra__linear_1d", "2"), ("numbers__is_prime", "False")):
+        (hub / module / "train").mkdir(parents=True)
+        pq.write_table(pa.table({"question": [wrapped("q")], "answer": [wrapped(answer)]}),
+                       hub / module / "train" / "0000.parquet")
+    t = read_all(hub, modules=["all"])
+    assert sorted(zip(t["module"].to_pylist(), t["answer"].to_pylist(), strict=True)) == [
+        ("algebra__linear_1d", "2"), ("numbers__is_prime", "False")]
+    (tmp_path / "mixed").mkdir()
+    pq.write_table(pa.table({"question": ["q"], "answer": ["1"]}), tmp_path / "mixed" / "train.parquet")
+    with pytest.raises(SourceError, match="cannot tell which module"):
+        plan(PipelineConfig(source=str(tmp_path / "mixed"), modules=["algebra__linear_1d", "numbers__gcd"]))
+    pq.write_table(pa.table({"question": ["q", "r"], "answer": ["1", "True"],
+                             "module": ["algebra__linear_1d", "numbers__is_prime"]}), tmp_path / "mixed" / "train.parquet")
+    t = read_all(tmp_path / "mixed", modules=["algebra__linear_1d", "numbers__gcd"])
+    assert t["module"].to_pylist() == ["algebra__linear_1d", "numbers__is_prime"] and t["reject"].null_count == 2

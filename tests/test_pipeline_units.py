@@ -12,11 +12,12 @@ import pytest
 
 from cluster.config import ConfigError, from_dict
 from cluster.core import DATA_SCHEMA, load_tokenizer, write_json_atomic
+from pipeline.answers import EXTRAPOLATE, FORMS, MODULE_FORMS, answer_form_failed, answer_pattern
 from pipeline.clean import clean_text, decode_utf8, strip_wrapper
-from pipeline.config import PipelineConfig, answer_regex
+from pipeline.config import PipelineConfig
 from pipeline.tokenize_step import TokenizeBatch, holdout_mask
 from pipeline.validate import prepare_text, text_reasons, token_reasons
-from pipeline.write import LengthStats, SplitWriter, content_hash
+from pipeline.write import LengthStats, ShuffleWriter, SplitWriter, bucket_ids, content_hash
 
 # ---- cleaning ---------------------------------------------------------------------------------------
 
@@ -53,15 +54,15 @@ def test_decode_utf8_rejects_only_bad_rows():
 
 # ---- validation ---------------------------------------------------------------------------------------
 
-def _prepare(questions, answers, regex=r"-?\d+", max_chars=200, source_reject=None):
+def _prepare(questions, answers, pattern="auto", max_chars=200, source_reject=None, module="algebra__linear_1d"):
     n = len(questions)
     raw = pa.table({
         "question": pa.array(questions, pa.binary() if isinstance(questions[0], bytes) else pa.string()),
         "answer": pa.array(answers, pa.binary() if isinstance(answers[0], bytes) else pa.string()),
         "source_reject": pa.array(source_reject or [None] * n, pa.string()),
-        "regime": pa.array(["train-easy"] * n), "split": pa.array(["train"] * n),
+        "regime": pa.array(["train-easy"] * n), "split": pa.array(["train"] * n), "module": pa.array([module] * n),
     })
-    return prepare_text(raw, max_chars=max_chars, answer_regex=regex)
+    return prepare_text(raw, max_chars=max_chars, answer_pattern=pattern)
 
 
 def test_text_reasons_each_class_and_precedence():
@@ -79,9 +80,10 @@ def test_text_reasons_each_class_and_precedence():
 
 
 def test_answer_form_off_and_custom():
-    assert _prepare(["q"], ["three"], regex=None)["reject"].to_pylist() == [None]
-    assert _prepare(["q"], ["3/4"], regex=r"-?\d+/\d+")["reject"].to_pylist() == [None]
-    assert _prepare(["q"], ["3/4x"], regex=r"-?\d+/\d+")["reject"].to_pylist() == ["answer_form"]  # full match
+    assert _prepare(["q"], ["three"], pattern="none")["reject"].to_pylist() == [None]
+    assert _prepare(["q"], ["3/4"], pattern=r"-?\d+/\d+")["reject"].to_pylist() == [None]
+    assert _prepare(["q"], ["3/4x"], pattern=r"-?\d+/\d+")["reject"].to_pylist() == ["answer_form"]  # full match
+    assert _prepare(["q"], ["three"], module="my__own_module")["reject"].to_pylist() == [None]  # no known form
 
 
 def test_one_megabyte_line_rejected_before_tokenizing():
@@ -93,7 +95,7 @@ def test_token_reasons():
     r = token_reasons(np.array([5, 300, 5, 300]), np.array([2, 2, 99, 2]), np.array([False, False, False, True]),
                       max_input_tokens=256, max_label_tokens=64)
     assert r.to_pylist() == [None, "input_too_long", "labels_too_long", "unknown_chars"]
-    kept = text_reasons(pa.array(["a"]), pa.array(["1"]), pa.array([False]), max_chars=5, answer_regex=None)
+    kept = text_reasons(pa.array(["a"]), pa.array(["1"]), pa.array([False]), max_chars=5)
     assert kept.to_pylist() == [None]
 
 
@@ -106,8 +108,86 @@ def test_config_rejects_contradictions():
         from_dict(PipelineConfig, {"answer_pattern": "(("}, "pipeline")
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(PipelineConfig, {"rows": 5}, "pipeline")
-    assert answer_regex(PipelineConfig()) == r"-?\d+"
-    assert answer_regex(PipelineConfig(module="numbers__gcd")) is None
+    assert answer_pattern("algebra__linear_1d") == r"-?\d+" and answer_pattern("my__module") is None
+    with pytest.raises(ConfigError, match="no module"):
+        from_dict(PipelineConfig, {"modules": "algebra__linear_1d,algebra__linear_9d"}, "pipeline")
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        from_dict(PipelineConfig, {"modules": ["all", "numbers__gcd"]}, "pipeline")
+    with pytest.raises(ConfigError, match="not in pipeline.modules"):
+        from_dict(PipelineConfig, {"module_weights": {"numbers__gcd": 2}}, "pipeline")
+    with pytest.raises(ConfigError, match="source=generate only"):
+        from_dict(PipelineConfig, {"source": "data/", "module_weights": {"algebra__linear_1d": 2}}, "pipeline")
+
+
+def test_modules_config_one_list_all_and_weights():
+    assert PipelineConfig().module_list() == ["algebra__linear_1d"]
+    assert from_dict(PipelineConfig, {"modules": "numbers__gcd"}, "pipeline").modules == ["numbers__gcd"]
+    assert len(PipelineConfig(modules=["all"]).module_list()) == 56
+    cfg = from_dict(PipelineConfig, {"modules": ["numbers__gcd", "arithmetic__div"], "train_rows_per_regime": 100,
+                                     "module_weights": {"numbers__gcd": 0.5}, "test_rows": 10,
+                                     "extrapolate_rows": 4}, "pipeline")
+    assert (cfg.train_rows("numbers__gcd"), cfg.train_rows("arithmetic__div")) == (50, 100)
+    assert cfg.test_units("numbers__gcd") == [("interpolate", "numbers__gcd", 10)]
+    assert cfg.test_units("arithmetic__div") == [("interpolate", "arithmetic__div", 10),
+                                                 ("extrapolate", "arithmetic__div_big", 4)]
+
+
+# ---- answer forms per module --------------------------------------------------------------------------
+
+# Answers as the generator writes them (sampled from each module), and malformed ones.
+ACCEPTED = {
+    "algebra__linear_1d": ["24", "-18", "0"],
+    "algebra__polynomial_roots": ["2, 141358", "-1, 7, 8, 632", "-(h - 8)*(h - 2)**3*(11*h + 2)",
+                                  "4*(o - 1110884)**2/3", "25/3"],
+    "algebra__sequence_nth_term": ["u**3 + 6*u**2 + 15*u + 2575", "197857*y + 1"],
+    "arithmetic__add_or_sub": ["-1551.09355", "367335", "-116334627.708"],
+    "arithmetic__add_or_sub_in_base": ["-1101001110010110001", "2c4", "-4c46"],
+    "arithmetic__div": ["-16", "3/56581", "-1/37855", "1703/564"],
+    "arithmetic__simplify_surd": ["128*sqrt(11) + 45057", "sqrt(2)/4", "190710 - 7440*sqrt(11)"],
+    "comparison__closest": ["-0.5", "d", "0.06", "-1/4"],
+    "comparison__pair": ["True", "False", "-3226", "3.8", "v"],
+    "comparison__sort": ["5, -5, -10, -52", "5, 2, 0.4, 0.0752, -1/7, -2", "3, 2, k, -3"],
+    "measurement__conversion": ["13750", "0.000297183", "9824881000"],
+    "measurement__time": ["265", "2:48 PM", "11:40 AM"],
+    "numbers__is_prime": ["True", "False"],
+    "numbers__list_prime_factors": ["59, 67, 257", "2"],
+    "numbers__round_number": ["2900000", "-0.0055", "0.0004"],
+    "polynomials__simplify_power": ["x**(-11586/77)", "l**83"],
+    "probability__swr_p_level_set": ["143/408", "1/7", "1", "0"],
+}
+REJECTED = {
+    "algebra__linear_1d": ["-", "1.5", "x = 3", "3/4", ""],
+    "arithmetic__add_or_sub": ["1.", ".5", "1,000", "--2", "12 apples"],
+    "arithmetic__add_or_sub_in_base": ["2C4", "2 c4", "-", "+12"],
+    "comparison__closest": ["ab", "True"],
+    "comparison__sort": ["5,2", "5, , 2", "[5, 2]", "5, 2,"],
+    "measurement__time": ["14:48", "2:48PM", "2:8 PM"],
+    "numbers__is_prime": ["true", "yes", "1"],
+    "numbers__list_prime_factors": ["2, 3.5", "2 3"],
+    "algebra__sequence_nth_term": ["", "   ", "=", "x == 2"],
+    "probability__swr_p_level_set": ["1/", "/7", "one"],
+}
+
+
+def test_answer_forms_accept_the_generators_answers_and_reject_malformed_ones():
+    for module, good in ACCEPTED.items():
+        failed = answer_form_failed(pa.array(good), pa.array([module] * len(good))).to_pylist()
+        assert not any(failed), (module, [a for a, f in zip(good, failed, strict=True) if f])
+    for module, bad in REJECTED.items():
+        failed = answer_form_failed(pa.array(bad), pa.array([module] * len(bad))).to_pylist()
+        assert all(failed), (module, [a for a, f in zip(bad, failed, strict=True) if not f])
+    # a batch mixing modules: each row against its own module's form
+    mixed = answer_form_failed(pa.array(["True", "True", "7", "x"]),
+                               pa.array(["numbers__is_prime", "algebra__linear_1d", "algebra__linear_1d", None]))
+    assert mixed.to_pylist() == [False, True, False, False]  # a row without a module is not checked
+    out = _prepare(["q", "q"], ["12 apples", "-2812.15"], module="arithmetic__add_or_sub")
+    assert out["reject"].to_pylist() == ["answer_form", None] and out["module"].to_pylist()[0] == "arithmetic__add_or_sub"
+
+
+def test_every_module_has_a_form_and_extrapolation_sets_extend_known_modules():
+    assert set(MODULE_FORMS.values()) <= set(FORMS)
+    assert set(EXTRAPOLATE) <= set(MODULE_FORMS)
+    assert all(extra.startswith(base) for base, extra in EXTRAPOLATE.items())
 
 
 # ---- tokenization -------------------------------------------------------------------------------------
@@ -178,6 +258,7 @@ def test_holdout_is_seeded_fraction_and_order_free():
 def _rows(n, start=0):
     return pa.table({
         "question": [f"q{i}" for i in range(start, start + n)], "answer": ["1"] * n, "regime": ["train-easy"] * n,
+        "module": ["algebra__linear_1d"] * n,
         "input_ids": pa.array([[5, 1]] * n, pa.list_(pa.int32())),
         "attention_mask": pa.array([[1, 1]] * n, pa.list_(pa.int32())),
         "labels": pa.array([[1]] * n, pa.list_(pa.int32())),
@@ -218,3 +299,50 @@ def test_length_stats_and_atomic_json(tmp_path):
     write_json_atomic(tmp_path / "m.json", d)
     assert json.loads((tmp_path / "m.json").read_text()) == d
     assert not (tmp_path / "m.json.tmp").exists()
+
+
+def _regime_rows(n_per_regime: int) -> pa.Table:
+    """Rows in the source's regime-by-regime order (what the generator and the v1.0 files give)."""
+    parts = [_rows(n_per_regime, start=i * n_per_regime) for i in range(3)]
+    regimes = [r for r in ("train-easy", "train-medium", "train-hard") for _ in range(n_per_regime)]
+    t = pa.concat_tables(parts)
+    return t.set_column(t.schema.get_field_index("regime"), "regime", pa.array(regimes))
+
+
+def _write_shuffled(directory, table, sizes, seed=0, buckets=4, rows_per_file=4000):
+    w = ShuffleWriter(directory, DATA_SCHEMA, rows_per_file, seed=seed, buckets=buckets,
+                      spill_dir=directory.parent / f".shuffle-{directory.name}")
+    start = 0
+    for s in sizes:
+        w.write(table.slice(start, s))
+        start += s
+    files = w.close()
+    assert not (directory.parent / f".shuffle-{directory.name}").exists()  # spill files cleaned up
+    return files
+
+
+def test_shuffle_writer_mixes_every_window_of_1000_rows(tmp_path):
+    table = _regime_rows(10_000)
+    files = _write_shuffled(tmp_path / "train", table, [8192] * 3 + [5424])
+    out = pq.read_table(tmp_path / "train")
+    assert sorted(out["question"].to_pylist()) == sorted(table["question"].to_pylist())  # each row once
+    assert [pq.read_metadata(f).num_rows for f in files] == [4000] * 7 + [2000]
+    regimes = np.array(out["regime"].to_pylist())
+    for regime in ("train-easy", "train-medium", "train-hard"):
+        share = np.convolve(regimes == regime, np.ones(1000), "valid") / 1000  # every sliding window
+        assert np.abs(share - 1 / 3).max() < 0.05, (regime, share.min(), share.max())
+
+
+def test_shuffle_writer_bytes_depend_on_seed_and_rows_not_batching(tmp_path):
+    table = _regime_rows(1000)
+    hashes = {}
+    for name, sizes, seed in (("a", [3000], 0), ("b", [1, 999, 700, 1300], 0), ("c", [7] * 428 + [4], 0),
+                              ("d", [3000], 1)):
+        files = _write_shuffled(tmp_path / name / "train", table, sizes, seed=seed)
+        hashes[name] = content_hash(tmp_path / name / "train", [f.name for f in files])
+    assert hashes["a"] == hashes["b"] == hashes["c"]
+    assert hashes["d"] != hashes["a"]
+    # bucket ids are a function of the stream position: any batching draws the same ones
+    whole = bucket_ids(0, 1000, 7, key=123)
+    assert (np.concatenate([bucket_ids(0, 300, 7, 123), bucket_ids(300, 700, 7, 123)]) == whole).all()
+    assert np.bincount(whole, minlength=7).min() > 100
