@@ -3,6 +3,7 @@ same tokenizer; and `--source generate` vs the single-process generator.
 
     python -m bench.pipeline_bench --rows 200000 2000000      # file runs (hub's wrapped Parquet form)
     python -m bench.pipeline_bench --gen-rows 8000             # generator runs
+    python -m bench.pipeline_bench --rows --writer-rows 2000000  # the driver's writing alone (no Ray)
 
 Fixtures live in bench/out/ (git-ignored) and are made once: a T5-kind SentencePiece-unigram tokenizer
 (vocab 1000, trained with `tokenizers` on generated rows) and wrapped Parquet files in the hub's layout
@@ -205,10 +206,81 @@ def bench_generate(rows: int) -> list[dict]:
     return res
 
 
+WRITER_SCRIPT = r"""
+import json, sys, time
+import numpy as np, pyarrow as pa
+from pathlib import Path
+from cluster.core import load_tokenizer
+from pipeline.config import PipelineConfig
+from pipeline.job import OutputWriter
+from pipeline.tokenize_step import TokenizeBatch
+from pipeline.validate import prepare_text
+from pipeline.write import SHUFFLE_BUCKET_ROWS, SplitWriter
+from cluster.core import DATA_SCHEMA
+rows, mode, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+# a 49,152-row base in the generator's style, tokenized once (char tokenizer) like the workers do it
+rng = np.random.default_rng(0)
+base = 6 * 8192
+a, b, c = (rng.integers(-999, 999, base) for _ in range(3))
+q = [f"Solve {x}*v + {y} = {z}*v - {x + y} for v." for x, y, z in zip(a, b, c)]
+ans = [str(int(x)) for x in rng.integers(-30, 30, base)]
+tok = load_tokenizer("char")
+step = TokenizeBatch(tok.backend_tokenizer.to_str(), tok.eos_token_id, tok.unk_token_id, 256, 64, 0.01, seed=0)
+raw = pa.table({"question": pa.array(q), "answer": pa.array(ans), "source_reject": pa.nulls(base, pa.string()),
+                "regime": pa.array(["train-easy"] * base), "split": pa.array(["train"] * base),
+                "module": pa.array(["algebra__linear_1d"] * base)})
+t0 = time.process_time()  # CPU seconds of this process: steadier than wall time on a shared box
+tokenized = step(prepare_text(raw, max_chars=2000))
+tok_s = time.process_time() - t0
+batches = [tokenized.slice(i, 8192) for i in range(0, base, 8192)]
+cfg = PipelineConfig(output=str(out))
+w = OutputWriter(cfg, out, buckets=max(1, -(-rows // SHUFFLE_BUCKET_ROWS)))
+if mode == "ordered":  # the writer before the shuffle: train/validation streamed in source order
+    for s in ("train", "validation"):
+        w.writers[s] = SplitWriter(out / s, DATA_SCHEMA, cfg.rows_per_file)
+regimes = ["train-easy", "train-medium", "train-hard"]
+t0, c0 = time.perf_counter(), time.process_time()
+done = 0
+while done < rows:
+    batch = batches[(done // 8192) % len(batches)].slice(0, rows - done)
+    regime = regimes[min(2, 3 * done // rows)]  # the source's order: easy, then medium, then hard
+    batch = batch.set_column(batch.schema.get_field_index("regime"), "regime", pa.array([regime] * batch.num_rows))
+    w.add(batch)
+    done += batch.num_rows
+t_add, c_add = time.perf_counter() - t0, time.process_time() - c0
+counts, files, _ = w.close()
+total, cpu = time.perf_counter() - t0, time.process_time() - c0
+assert counts["rows_in"] == rows, counts
+print(json.dumps({"mode": mode, "rows": rows, "write_s": round(total, 2), "add_s": round(t_add, 2),
+                  "close_s": round(total - t_add, 2), "cpu_s": round(cpu, 2), "add_cpu_s": round(c_add, 2),
+                  "close_cpu_s": round(cpu - c_add, 2), "writer_rows_per_cpu_s": round(rows / cpu),
+                  "writer_rows_per_s": round(rows / total),
+                  "tokenize_rows_per_s_one_core": round(base / tok_s)}))
+"""
+
+
+def bench_writer(rows: int) -> list[dict]:
+    """The driver's writing alone (OutputWriter fed synthetic tokenized 8,192-row batches, as Ray Data hands
+    them over), with the seeded shuffle and without it (train/validation in source order, the old way);
+    one fresh process each, peak RSS measured. Also the same rows' clean + tokenize rate on one core."""
+    res = []
+    for mode in ("ordered", "shuffled"):
+        out = OUT / "writer_out"
+        shutil.rmtree(out, ignore_errors=True)
+        r = measure([PY, "-c", WRITER_SCRIPT, str(rows), mode, str(out)], env={"PYTHONPATH": str(ROOT)})
+        res.append({"way": f"driver writer, {mode}", **json.loads(r["tail"][0]), "wall_s": r["wall_s"],
+                    "peak_rss_mib": r["peak_rss_mib"]})
+        print(json.dumps(res[-1]), flush=True)
+    for x in res:
+        x["rows_per_s"] = x["writer_rows_per_s"]
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="*", default=[200_000], help="file-source sizes (rows)")
     p.add_argument("--gen-rows", type=int, default=0, help="rows for the generator comparison (0 = skip)")
+    p.add_argument("--writer-rows", type=int, default=0, help="rows for the driver-writer benchmark (0 = skip)")
     p.add_argument("--skip-single", action="store_true", help="skip the seed's single-process run")
     p.add_argument("--tokenizers", nargs="*", default=["unigram-1000", "char"], help="unigram-1000 and/or char")
     args = p.parse_args()
@@ -220,6 +292,8 @@ def main() -> None:
         results += bench_files(rows, args.skip_single)
     if args.gen_rows:
         results += bench_generate(args.gen_rows)
+    if args.writer_rows:
+        results += bench_writer(args.writer_rows)
     info["load_avg_end"] = os.getloadavg()
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"pipeline_bench_{int(time.time())}.json"

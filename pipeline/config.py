@@ -28,7 +28,7 @@ class PipelineConfig:
     `all` (every module of the generator). What `generate` samples, which v1.0 `<regime>/<module>.txt`
     files and hub configs are read; each row keeps its `module` and is checked against its answer form."""
     module_weights: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Mixing weights for `generate` (YAML mapping module -> weight, default 1 each): a module generates
+    """Mixing weights for `generate` (a YAML mapping module -> weight, default 1 each): a module generates
     round(weight * train_rows_per_regime) rows per train regime. Test sets are not weighted."""
     tokenizer: str = "char"
     """`char` (built-in, offline), a Hugging Face tokenizer id (google/flan-t5-large) or a local folder."""
@@ -96,8 +96,12 @@ class PipelineConfig:
         if self.source == "generate":
             unknown = [m for m in self.modules if m != "all" and m not in MODULES]
             if unknown:
-                raise ConfigError(f"pipeline.modules: the generator has no module {unknown}; its modules: "
-                                  f"{', '.join(MODULES)} (or `all`)")
+                import difflib
+
+                hints = [h for m in unknown for h in difflib.get_close_matches(m, MODULES, n=2)]
+                raise ConfigError(f"pipeline.modules: the generator has no module {unknown}"
+                                  + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                                  + f"; it has {len(MODULES)}, listed in pipeline/answers.py, or use `all`")
         if self.module_weights:
             if self.source != "generate":
                 raise ConfigError("pipeline.module_weights applies to source=generate only: a file source is "

@@ -44,7 +44,14 @@ from pipeline.generate import WORKER_ENV
 from pipeline.sources import SPLITS, ReadUnit, plan, read_unit
 from pipeline.tokenize_step import TokenizeBatch
 from pipeline.validate import REASONS, prepare_text
-from pipeline.write import SHUFFLE_BUCKET_ROWS, LengthStats, ShuffleWriter, SplitWriter, content_hash
+from pipeline.write import (
+    MAX_SHUFFLE_BUCKETS,
+    SHUFFLE_BUCKET_ROWS,
+    LengthStats,
+    ShuffleWriter,
+    SplitWriter,
+    content_hash,
+)
 
 log = logging.getLogger("mathtune.pipeline")
 
@@ -173,7 +180,7 @@ def ordered_execution():
 
 def shuffle_buckets(units: list[ReadUnit]) -> int:
     """Spill buckets of the train/validation shuffle: enough that one bucket (read back whole at close)
-    holds about SHUFFLE_BUCKET_ROWS rows. Counted from the plan (files without a cheap row count are
+    holds about SHUFFLE_BUCKET_ROWS rows (at most MAX_SHUFFLE_BUCKETS). Counted from the plan (files without a cheap row count are
     estimated from their size), so it is part of the config's identity like rows_per_file."""
     rows = 0
     for u in units:
@@ -186,7 +193,7 @@ def shuffle_buckets(units: list[ReadUnit]) -> int:
 
             fs, _ = resolve_filesystem(u.fs_spec)
             rows += fs.get_file_info(u.path).size // 48  # a DeepMind row is > 48 bytes in any text format
-    return max(1, math.ceil(rows / SHUFFLE_BUCKET_ROWS))
+    return min(MAX_SHUFFLE_BUCKETS, max(1, math.ceil(rows / SHUFFLE_BUCKET_ROWS)))
 
 
 def build_dataset(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fraction: float):

@@ -136,10 +136,14 @@ def test_three_module_mixture_end_to_end(ray_local, tmp_path):
     """Three modules of different answer forms: every row keeps its module, each module has its test set
     (arithmetic__add_or_sub also its extrapolation set), the manifest counts module x split x regime, and
     the train split streams the modules mixed."""
+    from ray.data import DataContext
+
     modules = ["algebra__linear_1d", "numbers__is_prime", "arithmetic__add_or_sub"]
+    DataContext.get_current().execution_options.preserve_order = False
     m = run(PipelineConfig(output=str(tmp_path / "data"), modules=modules, train_rows_per_regime=60, test_rows=20,
                            extrapolate_rows=10, rows_per_shard=30, validation_size=0.1, seed=3,
                            module_weights={"numbers__is_prime": 0.5}))
+    assert DataContext.get_current().execution_options.preserve_order is False  # the process-global left as found
     assert m["modules"] == sorted(modules) and m["source"]["modules"] == modules
     assert m["rows_in"] == 3 * (60 + 30 + 60) + 3 * 20 + 10 == m["rows_kept"] + m["rows_rejected"]
     for module in modules:

@@ -346,3 +346,18 @@ def test_shuffle_writer_bytes_depend_on_seed_and_rows_not_batching(tmp_path):
     whole = bucket_ids(0, 1000, 7, key=123)
     assert (np.concatenate([bucket_ids(0, 300, 7, 123), bucket_ids(300, 700, 7, 123)]) == whole).all()
     assert np.bincount(whole, minlength=7).min() > 100
+
+
+def test_module_table_is_the_generators(monkeypatch):
+    """pipeline/answers.py lists the generator's modules without importing it (the driver checks names
+    before Ray starts): it must be exactly the generator's, and every module must sample (numpy 2 shim)."""
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    from pipeline.generate import _load_generator, generate_rows
+
+    g = _load_generator()
+    assert set(g.filtered_modules["train-easy"]) == set(MODULE_FORMS) == set(g.filtered_modules["interpolate"])
+    assert set(g.filtered_modules["extrapolate"]) == set(EXTRAPOLATE.values())
+    # modules that sample polynomials failed under numpy 2 (ndarray.itemset) before the shim
+    for module in ("algebra__linear_1d_composed", "polynomials__expand", "calculus__differentiate"):
+        q, a, _ = generate_rows(module, "train-easy", 2, seed=1)
+        assert len(q) == 2 and not any(answer_form_failed(pa.array(a), pa.array([module] * 2)).to_pylist())
