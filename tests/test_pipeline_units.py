@@ -361,3 +361,20 @@ def test_module_table_is_the_generators(monkeypatch):
     for module in ("algebra__linear_1d_composed", "polynomials__expand", "calculus__differentiate"):
         q, a, _ = generate_rows(module, "train-easy", 2, seed=1)
         assert len(q) == 2 and not any(answer_form_failed(pa.array(a), pa.array([module] * 2)).to_pylist())
+
+
+def test_output_writer_counts_by_module_and_checks_the_row_invariant(tmp_path):
+    from pipeline.job import OutputWriter
+
+    batch = _tokenize(["Solve 2*x = 4 for x.", "Solve y = 1 for y.", "Solve z = 3 for z."], ["2", "one", "3"])
+    w = OutputWriter(PipelineConfig(output=str(tmp_path)), tmp_path, buckets=2)
+    w.add(batch)
+    counts, files, _ = w.close()
+    assert counts["rows_kept_by_module"] == {"algebra__linear_1d": {"train": {"train-easy": 2}}}
+    assert counts["rows_rejected_by_module"] == {"algebra__linear_1d": {"train": {"train-easy": 1}}}
+    assert pq.read_table(files["rejects"][0]).to_pylist()[0]["module"] == "algebra__linear_1d"
+    w = OutputWriter(PipelineConfig(output=str(tmp_path / "b")), tmp_path / "b", buckets=2)
+    w.add(batch)
+    w.rows_in["train"] += 1  # a row that went nowhere: must stop the run (also under python -O)
+    with pytest.raises(RuntimeError, match="row accounting broken"):
+        w.close()
