@@ -246,9 +246,16 @@ def parse_stage_args(
     add_dataclass_args(parser, stage_cls, f"{section} options (override the '{section}:' section)")
     add_dataclass_args(parser, RayConfig, "ray options (override the 'ray:' section)")
     args = parser.parse_args(argv)
+    # Tracebacks go next to the stage's output (<parent>/logs/), also when the config itself is the error.
+    output = vars(args).get("output")
+    if output is None and args.config:
+        try:
+            output = (read_yaml(args.config).get(section) or {}).get("output")
+        except (ConfigError, AttributeError):
+            output = None
+    if output:
+        set_error_log_dir(Path(str(output)).parent / "logs")
     cfg, ray_cfg = resolve(stage_cls, section, args.config, vars(args))
-    if getattr(cfg, "output", None):  # tracebacks go next to the stage's output: <parent>/logs/
-        set_error_log_dir(Path(cfg.output).parent / "logs")
     return cfg, ray_cfg, args
 
 

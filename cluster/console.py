@@ -23,6 +23,8 @@ import re
 # and a footer. Only the total is worth a line.
 _TOTAL = re.compile(r"^Total Progress: (\d+)/(\S+)")
 _DATA_PROGRESS_LOGGERS = ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor")
+# Ray Data's notices about the progress settings made here (logged once, as warnings).
+_NOTICES = ("Progress bars for operators disabled", "Progress bars disabled", "[dataset]: A new progress UI")
 # Ray Train V2 names this logger after its file (logging.getLogger(__file__)): "Reporting training result
 # N: TrainingReport(...)" from every worker at every report.
 _TRAIN_REPORT_LOGGER = os.path.join("train", "v2", "_internal", "execution", "context.py")
@@ -31,17 +33,25 @@ _TRAIN_CHECKPOINT_LOGGER = "ray.train.v2._internal.execution.storage"
 
 
 class DriverDataFilter(logging.Filter):
-    """On the console handler of the `ray.data` logger: progress -> `[data] done/total rows`; the
-    per-dataset start/plan/finish INFO lines and progress decorations are dropped (the file keeps them)."""
+    """On the console handler of the `ray.data` logger: progress -> `[data] done/total rows`, printed when
+    the count moves (Ray repeats its block every 10 s, also while nothing moves); the per-dataset
+    start/plan/finish INFO lines and progress decorations are dropped (the log file keeps them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(_NOTICES):
+            return False
         if record.levelno >= logging.WARNING:
             return True
         if not record.name.startswith(_DATA_PROGRESS_LOGGERS):
             return True
         m = _TOTAL.match(record.getMessage())
-        if not m:
+        if not m or m.group(1) == "0" or m.group(0) == self._last:
             return False
+        self._last = m.group(0)
         total = "" if m.group(2) == "?" else f"/{m.group(2)}"
         record.msg, record.args = f"[data] {m.group(1)}{total} rows", None
         return True
@@ -51,7 +61,20 @@ class WorkerDataFilter(logging.Filter):
     """In workers: Ray Data's progress and execution INFO lines are not printed (warnings are)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(_NOTICES):
+            return False
         return record.levelno >= logging.WARNING or not record.name.startswith(_DATA_PROGRESS_LOGGERS)
+
+
+class DemoteToDebug(logging.Filter):
+    """On a logger: its INFO records become DEBUG, so console handlers (INFO and up) skip them while Ray's
+    DEBUG-level log files keep them. A filter, not a level: Ray Train's dictConfig resets the levels of
+    the `ray.train.*` loggers when a worker starts training, but keeps their filters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
@@ -88,7 +111,9 @@ def setup_worker() -> None:
     import ray
 
     logging.getLogger(os.path.join(os.path.dirname(ray.__file__), _TRAIN_REPORT_LOGGER)).setLevel(logging.WARNING)
-    logging.getLogger(_TRAIN_CHECKPOINT_LOGGER).setLevel(logging.WARNING)
+    ckpt_logger = logging.getLogger(_TRAIN_CHECKPOINT_LOGGER)
+    if not any(isinstance(f, DemoteToDebug) for f in ckpt_logger.filters):
+        ckpt_logger.addFilter(DemoteToDebug())
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"  # for a DataContext created in this worker later
     try:
         import ray.data

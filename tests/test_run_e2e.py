@@ -109,6 +109,18 @@ def test_end_to_end_job_driver_kill_resume_outputs_and_no_token_leak(tmp_path):
     assert (train_out / "final" / "model.safetensors").is_file()
     assert "exact match" in log2 and str(train_out / "final") in log2
 
+    # A console a person reads: no per-report chatter, no progress-bar escape codes from workers, Ray Data's
+    # progress as short driver lines, where Ray's logs are said once; the model card carries the metrics.
+    assert "Reporting training result" not in log1 + log2 and "Checkpoint successfully created" not in log2
+    assert "\x1b[A" not in log2 and "Running Dataset" not in log2 and "exclude_resources" not in log2
+    assert log2.count("full logs: ") == 1 and "[train] step " in log2
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(train_out / "final" / "README.md")
+    after = json.loads((out / "eval-after" / "metrics.json").read_text())
+    assert {(r.metric_type, r.metric_config): r.metric_value for r in card.data.eval_results}[
+        ("exact_match", "after")] == round(after["exact_match"], 6)
+
     # 3. A third run finds every stage complete and redoes nothing.
     log3 = _run(config, env)
     assert log3.count("already complete, skipped") == 4, log3[-3000:]
