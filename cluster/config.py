@@ -234,15 +234,19 @@ DEBUG_HELP = ("on an error, re-raise it with its full traceback instead of the o
 
 
 def parse_stage_args(
-    stage_cls: type[T], section: str, argv: list[str] | None, description: str, prog: str
+    stage_cls: type[T], section: str, argv: list[str] | None, description: str, prog: str,
+    extra: typing.Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[T, RayConfig, argparse.Namespace]:
     """`python -m <stage> --config FILE [--<field> VALUE ...]` -> (stage config, ray config, raw args).
 
-    Precedence: dataclass default < YAML section < command-line flag.
+    Precedence: dataclass default < YAML section < command-line flag. `extra` adds command options that
+    are not config fields (they come back in the raw args).
     """
     parser = ArgParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML config file (sections: ray, pipeline, train, eval)")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    if extra:
+        extra(parser)
     add_dataclass_args(parser, stage_cls, f"{section} options (override the '{section}:' section)")
     add_dataclass_args(parser, RayConfig, "ray options (override the 'ray:' section)")
     args = parser.parse_args(argv)

@@ -135,6 +135,8 @@ def quiet_env() -> None:
 
 def announce_ray(ray, info=None) -> None:
     """One line: what Ray this is and where its full logs are (they stay there, not on the console)."""
+    if not ray.is_initialized():
+        return
     node = ray._private.worker._global_node
     logs = os.path.join(node.get_session_dir_path(), "logs") if node is not None else "/tmp/ray/session_latest/logs"
     dash = getattr(info, "dashboard_url", None)

@@ -21,22 +21,17 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.format_plan(plan.estimate(cfg)))
         return 0
     # --push-to-hub is a command option, not a train: field: what to do with the result, not how to train.
-    push_to = None
-    if "--push-to-hub" in argv:
-        i = argv.index("--push-to-hub")
-        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-            from cluster.core import ConfigError
-
-            raise ConfigError("--push-to-hub needs a hub repo id, e.g. --push-to-hub user/math-t5")
-        push_to = argv[i + 1]
-        del argv[i:i + 2]
-    cfg, ray_cfg, _ = parse_stage_args(
+    cfg, ray_cfg, args = parse_stage_args(
         TrainConfig, "train", argv,
         "Finetune a T5-family model on the pipeline's Parquet output with Ray Train. Re-running the same "
-        "command (same run_name and storage_path) resumes from the latest checkpoint. "
-        "--push-to-hub USER/NAME uploads <output>/final with its model card (token from $HF_TOKEN only).",
+        "command (same run_name and storage_path) resumes from the latest checkpoint.",
         "python -m train",
+        extra=lambda p: p.add_argument(
+            "--push-to-hub", metavar="USER/NAME", default=None,
+            help="after training, upload <output>/final with its model card to this (private) hub model repo; "
+            "token from $HF_TOKEN only, refused before any work without one"),
     )
+    push_to = args.push_to_hub
     from cluster.card import check_push, push_model, write_card
     from cluster.config import to_dict
     from train.trainer import run
