@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     set_error_log_dir(Path(overrides.get("run", {}).get("output_dir") or Path("outputs") / Path(config).stem) / "logs")
     plan = build_plan(config, overrides)
     set_error_log_dir(plan.root / "logs")  # tracebacks of any later error: <run>/logs/error-*.log
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     run(plan)
     return 0
 
