@@ -156,7 +156,7 @@ def preflight(plan: Plan) -> None:
         load_tokenizer(spec)
     check_writable(t.output, "train.output")
     check_writable(t.resolved_storage_path(), "train.storage_path")
-    for e in (plan.eval_before, plan.eval_after):
+    for e in (plan.eval_before, plan.eval_after) if plan.run.eval_before else (plan.eval_after,):
         check_writable(e.output, "eval output")
     if not _local_ray(plan.ray):
         return  # a cluster's resources are checked when connected (train: require_resources)
@@ -167,9 +167,11 @@ def preflight(plan: Plan) -> None:
                             f"but the local Ray has {cpus}; lower --train.num-workers / --train.cpus-per-worker "
                             "or raise --ray.num-cpus")
     e = plan.eval_after
-    if e.num_actors and e.num_actors * e.cpus_per_actor >= cpus:
-        raise ResourceError(f"eval needs {e.num_actors} actors x {e.cpus_per_actor:g} CPUs plus a CPU for reading, "
-                            f"but the local Ray has {cpus}; lower --eval.num-actors or raise --ray.num-cpus")
+    actors = e.num_actors or 1  # eval's default without GPUs
+    if actors * e.cpus_per_actor + 1 > cpus:  # the same rule eval applies once Ray is up
+        raise ResourceError(f"eval needs {actors} actor(s) x {e.cpus_per_actor:g} CPUs plus a CPU for reading, "
+                            f"but the local Ray has {cpus}; lower --eval.num-actors / --eval.cpus-per-actor "
+                            "or raise --ray.num-cpus")
     gpus_wanted = t.num_workers if t.use_gpu else 0
     if gpus_wanted or (e.gpus_per_actor or 0) > 0:
         gpus = plan.ray.num_gpus

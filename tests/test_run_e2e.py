@@ -225,11 +225,12 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "impossible resources": (["--train.num-workers", "64", "--train.global-batch-size", "128"],
                                  "error: training needs 64 workers"),
         "push without token": (["--push-to-hub", "me/math-t5"], "error: --push-to-hub needs a Hugging Face token"),
+        "eval pool too large": (["--eval.num-actors", "8"], "error: eval needs 8 actor(s) x 1 CPUs plus a CPU"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing source", "bad config value", "unwritable output", "missing model dir",
-                                  "impossible resources", "push without token"])
+                                  "impossible resources", "push without token", "eval pool too large"])
 def test_each_class_of_bad_input_is_one_line_before_ray(tmp_path, capsys, monkeypatch, no_ray, case):
     from cluster.config import run_cli
     from cluster.run import main
