@@ -301,14 +301,15 @@ def debug_requested(argv: list[str] | None = None) -> bool:
 
 
 def write_traceback(e: BaseException) -> Path | None:
-    """The full traceback to <log dir>/error-<UTC time>.log (the system temp folder when the entry point
-    set none or it is not writable); its path, or None when nothing could be written."""
+    """The full traceback to <log dir>/error-<UTC time>-<pid>.log (the system temp folder when the entry
+    point set none or it is not writable); its path, or None when nothing could be written."""
+    import os
     import tempfile
     import time
     import traceback
 
     text = "".join(traceback.format_exception(e))
-    name = f"error-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
     for d in (_error_log_dir, Path(tempfile.gettempdir()) / "mathtune-logs"):
         if d is None:
             continue
