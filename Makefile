@@ -5,6 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/flan-t5-large.yaml
 PYTEST_ARGS ?=
+ARGS    ?=
 
 .PHONY: setup demo test test-cluster test-all test-fast bench lint submit clean
 
@@ -18,8 +19,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job end to end on the embedded default (offline, CPU): pipeline -> eval before -> train -> eval after.
+# Extra flags go through ARGS: make demo ARGS="--train.max-steps 20 --eval.max-rows 100"
 demo: setup
-	$(BIN)/python -m cluster.run --config configs/demo.yaml
+	$(BIN)/python -m cluster.run --config configs/demo.yaml $(ARGS)
 
 # The test suite (CPU, local Ray); GPU tests skip themselves. The multi-node and `ray job submit`
 # end-to-end runs take 5-10 more minutes on 2 cores: `make test-cluster` (or `make test-all`).
@@ -46,10 +48,10 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# Submit the end-to-end job to a running cluster: RAY_ADDRESS=http://127.0.0.1:8265 make submit CONFIG=...
+# Submit the end-to-end job to a running cluster: RAY_ADDRESS=http://127.0.0.1:8265 make submit CONFIG=... ARGS=...
 submit: setup
 	@test -n "$$RAY_ADDRESS" || (echo "set RAY_ADDRESS (e.g. http://127.0.0.1:8265 via 'ray dashboard cluster/aws.yaml')"; exit 2)
-	$(BIN)/ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m cluster.run --config $(CONFIG)
+	$(BIN)/ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m cluster.run --config $(CONFIG) $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

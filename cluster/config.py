@@ -22,7 +22,7 @@ import yaml
 T = TypeVar("T")
 
 
-from cluster.core import ConfigError, UserError, find_user_error  # noqa: E402  (ConfigError re-exported)
+from cluster.core import ConfigError, UserError, find_user_error  # noqa: E402, F401  (ConfigError, UserError re-exported)
 
 
 @dataclasses.dataclass
@@ -176,37 +176,89 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One --kebab-case flag per field. Defaults are SUPPRESS so we can tell what the user set."""
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error: ...` line and exit code 2, like every other user error
+    (argparse's default prints the whole usage block first)."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        import difflib
+        import sys
+
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            flags = [a.split("=")[0] for a in message.split(":", 1)[1].split() if a.startswith("--")]
+            close = [m for f in flags for m in difflib.get_close_matches(f, self._option_string_actions, 1, 0.75)]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+        print(f"error: {message}{hint} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls: type, title: str, prefix: str | None = None,
+    hidden: typing.Collection[str] = (), aliases: bool = False,
+) -> None:
+    """One --kebab-case flag per field. Defaults are SUPPRESS so we can tell what the user set.
+
+    With `prefix` ("train"), the flag is `--train.max-steps` (`--train.max_steps` also accepted) and the
+    value lands in `args["train.max_steps"]`; `aliases` also accepts the bare `--max-steps`. Fields in
+    `hidden` are accepted but left out of --help (the caller refuses them with its own message)."""
     group = parser.add_argument_group(title)
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        kebab = f.name.replace("_", "-")
+        if prefix:
+            flags = [f"--{prefix}.{kebab}"] + ([f"--{kebab}"] if aliases else [])
+            # The underscore spelling works too, without doubling every line of --help.
+            hidden_flags = [f"--{prefix}.{f.name}"] if f.name != kebab else []
+            dest = f"{prefix}.{f.name}"
+        else:
+            flags, hidden_flags, dest = ["--" + kebab], [], f.name
         inner, _ = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         # argparse %-formats help strings: a literal % in a docstring ("30% of RAM") must be doubled.
         help_ = f"{docs.get(f.name, '')} (default: {default!r})".strip().replace("%", "%%")
-        if inner is bool:
-            group.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
-            )
-        else:
-            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
+        for names, text in ((flags, argparse.SUPPRESS if f.name in hidden else help_),
+                            (hidden_flags, argparse.SUPPRESS)):
+            if not names:
+                continue
+            if inner is bool:
+                group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=text)
+            else:
+                group.add_argument(*names, dest=dest, default=argparse.SUPPRESS, metavar=f.name.upper(), help=text)
+
+
+DEBUG_HELP = ("on an error, re-raise it with its full traceback instead of the one-line message "
+              "(also MATHTUNE_DEBUG=1); the traceback is always written to a log file named in the error line")
 
 
 def parse_stage_args(
-    stage_cls: type[T], section: str, argv: list[str] | None, description: str, prog: str
+    stage_cls: type[T], section: str, argv: list[str] | None, description: str, prog: str,
+    extra: typing.Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[T, RayConfig, argparse.Namespace]:
     """`python -m <stage> --config FILE [--<field> VALUE ...]` -> (stage config, ray config, raw args).
 
-    Precedence: dataclass default < YAML section < command-line flag.
+    Precedence: dataclass default < YAML section < command-line flag. `extra` adds command options that
+    are not config fields (they come back in the raw args).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = ArgParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML config file (sections: ray, pipeline, train, eval)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    if extra:
+        extra(parser)
     add_dataclass_args(parser, stage_cls, f"{section} options (override the '{section}:' section)")
     add_dataclass_args(parser, RayConfig, "ray options (override the 'ray:' section)")
     args = parser.parse_args(argv)
+    # Tracebacks go next to the stage's output (<parent>/logs/), also when the config itself is the error.
+    output = vars(args).get("output")
+    if output is None and args.config:
+        try:
+            output = (read_yaml(args.config).get(section) or {}).get("output")
+        except (ConfigError, AttributeError):
+            output = None
+    if output:
+        set_error_log_dir(Path(str(output)).parent / "logs")
     cfg, ray_cfg = resolve(stage_cls, section, args.config, vars(args))
     return cfg, ray_cfg, args
 
@@ -231,17 +283,63 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def run_cli(main: typing.Callable[[], int | None]) -> None:
-    """Run a stage's main(); any user error (cluster.core.UserError, also when Ray wrapped it) becomes one
-    clear line and exit code 2."""
+# Where run_cli writes the traceback of an error: set by the entry point once it knows its output folder.
+_error_log_dir: Path | None = None
+
+
+def set_error_log_dir(path: str | Path | None) -> None:
+    global _error_log_dir
+    _error_log_dir = Path(path) if path else None
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    import os
     import sys
 
+    return "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("MATHTUNE_DEBUG", "") not in (
+        "", "0", "false")
+
+
+def write_traceback(e: BaseException) -> Path | None:
+    """The full traceback to <log dir>/error-<UTC time>-<pid>.log (the system temp folder when the entry
+    point set none or it is not writable); its path, or None when nothing could be written."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(e))
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
+    for d in (_error_log_dir, Path(tempfile.gettempdir()) / "mathtune-logs"):
+        if d is None:
+            continue
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text(text)
+            return d / name
+        except OSError:
+            continue
+    return None
+
+
+def run_cli(main: typing.Callable[[], int | None]) -> None:
+    """Run an entry point's main(); any user error (cluster.core.UserError, also when Ray wrapped it)
+    becomes one line, `error: <what> (traceback: <log file>)`, and exit code 2. The traceback of every
+    error is written to a log file; `--debug` (or MATHTUNE_DEBUG=1) re-raises instead, traceback and all.
+    Anything that is not a user error is a bug: it is re-raised as it is."""
+    import sys
+
+    from cluster.console import quiet_env
+
+    quiet_env()
     try:
         code = main()
     except Exception as e:
-        err = e if isinstance(e, UserError) else find_user_error(e)
-        if err is None:
+        log_file = write_traceback(e)
+        err = find_user_error(e)
+        if err is None or debug_requested():
             raise
-        print(f"error: {err}", file=sys.stderr)
+        where = f" (traceback: {log_file})" if log_file else ""
+        print(f"error: {err}{where}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

@@ -26,34 +26,45 @@ def local_num_cpus() -> int:
 
 
 def init_ray(cfg: RayConfig | None = None, **runtime_env_vars: str) -> None:
-    """Idempotent: a Ray already initialized in this process (tests, cluster.run) is reused."""
+    """Idempotent: a Ray already initialized in this process (tests, cluster.run) is reused.
+
+    Also the one place the console is set up (cluster/console.py): Ray Data progress as short lines from
+    the driver only, no progress bars or per-report lines from workers, and where Ray's full logs are."""
     import ray
+
+    from cluster import console
 
     cfg = cfg or RayConfig()
     if ray.is_initialized():
         return
     # Quiet, deterministic tokenizers in workers; never forward secrets (HF_TOKEN stays in the driver env
     # and is only read by huggingface_hub where it is needed).
-    env_vars = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"), **runtime_env_vars}
+    env_vars = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
+                **console.WORKER_ENV, **runtime_env_vars}
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "cluster.console.setup_worker"}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # Ray's own INFO lines (start-up banner) go to its log files; we print one line saying where.
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address and address != "local":  # "local" = start one here, sized as below
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
-        return
-    num_cpus = cfg.num_cpus or local_num_cpus()
-    store = int(cfg.object_store_memory_gb * 2**30) if cfg.object_store_memory_gb else None
-    log.info("starting a local Ray with %d logical CPUs", num_cpus)
-    ray.init(
-        # "local", not None: None attaches to whatever `ray start` cluster ran last on this machine
-        # (/tmp/ray/ray_current_cluster), and then fails because num_cpus is set.
-        address="local",
-        num_cpus=num_cpus,
-        num_gpus=cfg.num_gpus,
-        object_store_memory=store,
-        include_dashboard=cfg.dashboard,
-        runtime_env={"env_vars": env_vars},
-        log_to_driver=True,
-    )
+        info = ray.init(address=address, runtime_env=runtime_env, **quiet)
+    else:
+        num_cpus = cfg.num_cpus or local_num_cpus()
+        store = int(cfg.object_store_memory_gb * 2**30) if cfg.object_store_memory_gb else None
+        log.info("starting a local Ray with %d logical CPUs", num_cpus)
+        info = ray.init(
+            # "local", not None: None attaches to whatever `ray start` cluster ran last on this machine
+            # (/tmp/ray/ray_current_cluster), and then fails because num_cpus is set.
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=cfg.num_gpus,
+            object_store_memory=store,
+            include_dashboard=cfg.dashboard,
+            runtime_env=runtime_env,
+            **quiet,
+        )
+    console.setup_driver()
+    console.announce_ray(ray, info)
 
 
 def require_resources(

@@ -8,6 +8,11 @@ Every stage's output lands under one run directory (`run.output_dir`, default `o
 A stage whose output is already complete and valid is skipped, so re-running the same command after a
 crash resumes instead of redoing: the pipeline by its manifest, training by Ray Train's own checkpoints
 (same run name and storage path), eval by its metrics file.
+
+Every field of every section is a flag: `--<section>.<field> VALUE` (`--train.max-steps 20`,
+`--pipeline.source DIR`, `--eval.max-rows 100`, `--ray.num-cpus 8`); flags win over the file. The paths
+the job wires between stages (pipeline.output, train.data/output, eval.model/data/output) are set by the
+job under run.output_dir and refused as flags. Everything checkable is checked before Ray starts.
 """
 
 from __future__ import annotations
@@ -15,12 +20,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from cluster.config import ConfigError, RayConfig, add_dataclass_args, from_dict, read_yaml, run_cli
+from cluster.config import (
+    DEBUG_HELP,
+    ArgParser,
+    ConfigError,
+    RayConfig,
+    add_dataclass_args,
+    from_dict,
+    read_yaml,
+    run_cli,
+    set_error_log_dir,
+)
+from cluster.core import ResourceError, write_json_atomic
 
 log = logging.getLogger("mathtune.run")
 
@@ -35,6 +52,23 @@ class RunConfig:
     """Evaluate the untrained model first (the seed's benchmarking step), for a before/after table."""
     force: bool = False
     """Redo every stage even when its output is already complete."""
+    push_to_hub: str | None = None
+    """After the final eval, upload <output_dir>/train/final (model, tokenizer, model card) to this hub
+    model repo, e.g. user/math-t5 (private). Token from $HF_TOKEN only; refused before any work without."""
+
+
+SECTIONS = ("run", "ray", "pipeline", "train", "eval")
+# Paths the job sets between stages (every output under run.output_dir): not the user's to set here.
+JOB_SET = {"pipeline": ("output",), "train": ("data", "output"), "eval": ("model", "data", "output")}
+
+
+def section_classes() -> dict[str, type]:
+    from eval.config import EvalConfig
+    from pipeline.config import PipelineConfig
+    from train.config import TrainConfig
+
+    return {"run": RunConfig, "ray": RayConfig, "pipeline": PipelineConfig, "train": TrainConfig,
+            "eval": EvalConfig}
 
 
 @dataclasses.dataclass
@@ -48,25 +82,41 @@ class Plan:
     root: Path
 
 
-def build_plan(config_path: str, overrides: dict[str, Any]) -> Plan:
-    """Validate every section up front, so a typo in `eval:` fails before an hour of training."""
+def build_plan(config_path: str, overrides: dict[str, dict[str, Any]] | None = None) -> Plan:
+    """Validate every section up front, so a typo in `eval:` fails before an hour of training.
+
+    `overrides`: {section: {field: value}} from the command line; they win over the file."""
     from eval.config import EvalConfig
     from pipeline.config import PipelineConfig
     from train.config import TrainConfig
 
+    overrides = overrides or {}
+    if set(overrides) - set(SECTIONS):
+        raise ValueError(f"overrides are keyed by section ({', '.join(SECTIONS)}), got {sorted(overrides)}")
     data = read_yaml(config_path)
-    unknown = sorted(set(data) - {"run", "ray", "pipeline", "train", "eval"})
+    unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"{config_path}: unknown section(s) {unknown}; known: run, ray, pipeline, train, eval")
-    run_vals = {**(data.get("run") or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    run = from_dict(RunConfig, run_vals, "run")
-    root = Path(run.output_dir or Path("outputs") / Path(config_path).stem)
-    ray_cfg = from_dict(RayConfig, dict(data.get("ray") or {}), "ray")
+        raise ConfigError(f"{config_path}: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    for section, fields in JOB_SET.items():
+        for f in fields:
+            if f in overrides.get(section, {}):
+                raise ConfigError(f"--{section}.{f.replace('_', '-')} is set by the job (every output lives under "
+                                  "run.output_dir); choose the run's folder with --run.output-dir")
 
-    pipe = from_dict(PipelineConfig, {**(data.get("pipeline") or {}), "output": str(root / "data")}, "pipeline")
-    train_vals = {**(data.get("train") or {}), "data": str(root / "data"), "output": str(root / "train")}
+    def vals(section: str) -> dict[str, Any]:
+        v = data.get(section) or {}
+        if not isinstance(v, dict):
+            raise ConfigError(f"section '{section}' must be a mapping, got {type(v).__name__}")
+        return {**v, **overrides.get(section, {})}
+
+    run = from_dict(RunConfig, vals("run"), "run")
+    root = Path(run.output_dir or Path("outputs") / Path(config_path).stem)
+    ray_cfg = from_dict(RayConfig, vals("ray"), "ray")
+
+    pipe = from_dict(PipelineConfig, {**vals("pipeline"), "output": str(root / "data")}, "pipeline")
+    train_vals = {**vals("train"), "data": str(root / "data"), "output": str(root / "train")}
     train = from_dict(TrainConfig, train_vals, "train")
-    eval_vals = dict(data.get("eval") or {})
+    eval_vals = vals("eval")
     eval_vals.pop("model", None)
     before = from_dict(
         EvalConfig,
@@ -80,6 +130,58 @@ def build_plan(config_path: str, overrides: dict[str, Any]) -> Plan:
         "eval",
     )
     return Plan(run, ray_cfg, pipe, train, before, after, root)
+
+
+def _local_ray(ray_cfg: RayConfig) -> bool:
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    return not address or address == "local"
+
+
+def preflight(plan: Plan) -> None:
+    """Every check that needs no Ray, for every stage, before the first one starts (and with it Ray):
+    the outputs are writable, the model and tokenizers resolve, a push has its token, and a local Ray
+    can hold what training and eval ask for. The pipeline's own checks (source, tokenizer, output) run
+    first thing in its stage, also before Ray starts."""
+    from cluster.card import check_push
+    from cluster.connect import local_num_cpus
+    from cluster.core import check_model_dir, check_writable, is_local_spec, load_tokenizer
+    from train.model import TINY_CONFIGS
+
+    check_push(plan.run.push_to_hub)
+    check_writable(plan.root, "run.output_dir")
+    t = plan.train
+    if t.model not in TINY_CONFIGS and is_local_spec(t.model):
+        check_model_dir(t.model)
+    for spec in {t.tokenizer, plan.eval_after.tokenizer} - {None}:
+        load_tokenizer(spec)
+    check_writable(t.output, "train.output")
+    check_writable(t.resolved_storage_path(), "train.storage_path")
+    for e in (plan.eval_before, plan.eval_after) if plan.run.eval_before else (plan.eval_after,):
+        check_writable(e.output, "eval output")
+    if not _local_ray(plan.ray):
+        return  # a cluster's resources are checked when connected (train: require_resources)
+    cpus = plan.ray.num_cpus or local_num_cpus()
+    need = t.num_workers * t.cpus_per_worker
+    if need > cpus:
+        raise ResourceError(f"training needs {t.num_workers} workers x {t.cpus_per_worker:g} CPUs = {need:g} CPUs, "
+                            f"but the local Ray has {cpus}; lower --train.num-workers / --train.cpus-per-worker "
+                            "or raise --ray.num-cpus")
+    e = plan.eval_after
+    actors = e.num_actors or 1  # eval's default without GPUs
+    if actors * e.cpus_per_actor + 1 > cpus:  # the same rule eval applies once Ray is up
+        raise ResourceError(f"eval needs {actors} actor(s) x {e.cpus_per_actor:g} CPUs plus a CPU for reading, "
+                            f"but the local Ray has {cpus}; lower --eval.num-actors / --eval.cpus-per-actor "
+                            "or raise --ray.num-cpus")
+    gpus_wanted = t.num_workers if t.use_gpu else 0
+    if gpus_wanted or (e.gpus_per_actor or 0) > 0:
+        gpus = plan.ray.num_gpus
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        if gpus < gpus_wanted or (gpus == 0 and (e.gpus_per_actor or 0) > 0):
+            raise ResourceError(f"--train.use-gpu / eval.gpus_per_actor ask for GPUs ({gpus_wanted} for training) "
+                                f"but this machine has {gpus}; drop them or run on a GPU node")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -137,38 +239,54 @@ def run(plan: Plan) -> dict[str, Any]:
     import eval as eval_stage
     import pipeline as pipeline_stage
     import train as train_stage
-    from cluster.connect import init_ray
 
-    init_ray(plan.ray)
+    # No init_ray here: each stage checks its own inputs first and starts (or reuses) Ray itself, so a bad
+    # source fails before Ray starts; preflight has already checked what later stages need.
+    preflight(plan)
     force = plan.run.force
     timings: dict[str, float] = {}
 
-    def stage(name: str, done: bool, fn):
+    def stage(name: str, done: bool, fn, outputs: str):
         if done and not force:
-            print(f"[run] {name}: already complete, skipped", flush=True)
+            print(f"[run] {name}: already complete, skipped ({outputs})", flush=True)
             return None
         print(f"[run] {name}: starting", flush=True)
         t0 = time.perf_counter()
         out = fn()
         timings[name] = time.perf_counter() - t0
-        print(f"[run] {name}: done in {timings[name]:.1f}s", flush=True)
+        print(f"[run] {name}: done in {timings[name]:.1f}s -> {outputs}", flush=True)
         return out
 
-    stage("pipeline", pipeline_done(plan), lambda: pipeline_stage.run(plan.pipeline, plan.ray))
+    stage("pipeline", pipeline_done(plan), lambda: pipeline_stage.run(plan.pipeline, plan.ray), plan.pipeline.output)
     if plan.run.eval_before:
         # The untrained model, saved like any other model dir, so eval has one code path.
-        stage(
-            "eval-before",
-            eval_done(plan.eval_before),
-            lambda: eval_stage.run(base_model(plan), plan.ray),
-        )
-    trained = stage("train", train_done(plan), lambda: train_stage.run(plan.train, plan.ray)) is not None
+        stage("eval-before", eval_done(plan.eval_before), lambda: eval_stage.run(base_model(plan), plan.ray),
+              plan.eval_before.output)
+    trained = stage("train", train_done(plan), lambda: train_stage.run(plan.train, plan.ray),
+                    str(Path(plan.train.output) / "final")) is not None
     # A model trained (or trained further) in this invocation makes any earlier eval-after stale.
-    stage("eval-after", eval_done(plan.eval_after) and not trained, lambda: eval_stage.run(plan.eval_after, plan.ray))
+    stage("eval-after", eval_done(plan.eval_after) and not trained, lambda: eval_stage.run(plan.eval_after, plan.ray),
+          plan.eval_after.output)
+    card = write_model_card(plan)
     summary = collect_summary(plan, timings)
-    (plan.root / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    summary["outputs"]["model_card"] = str(card)
+    write_json_atomic(plan.root / "run_summary.json", summary)
     print(format_summary(summary), flush=True)
+    if plan.run.push_to_hub:
+        from cluster.card import push_model
+
+        push_model(Path(plan.train.output) / "final", plan.run.push_to_hub)
     return summary
+
+
+def write_model_card(plan: Plan) -> Path:
+    """<train>/final/README.md with the before/after test metrics of this run (when measured)."""
+    from cluster.card import write_card
+    from cluster.config import to_dict
+
+    before = _read_json(Path(plan.eval_before.output) / "metrics.json") if plan.run.eval_before else None
+    after = _read_json(Path(plan.eval_after.output) / "metrics.json")
+    return write_card(Path(plan.train.output) / "final", to_dict(plan.train), before, after, name=plan.root.name)
 
 
 def collect_summary(plan: Plan, timings: dict[str, float]) -> dict[str, Any]:
@@ -184,6 +302,7 @@ def collect_summary(plan: Plan, timings: dict[str, float]) -> dict[str, Any]:
         "eval_before": before,
         "eval_after": after,
         "outputs": {
+            "logs": str(plan.root / "logs"),
             "data": plan.pipeline.output,
             "model": str(Path(plan.train.output) / "final"),
             "train_summary": str(Path(plan.train.output) / "summary.json"),
@@ -218,15 +337,42 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m cluster.run", description=__doc__.split("\n")[0])
+def build_parser() -> ArgParser:
+    parser = ArgParser(
+        prog="python -m cluster.run", description=__doc__.split("\n")[0],
+        usage="python -m cluster.run --config FILE [--<section>.<field> VALUE ...] [--push-to-hub REPO] [--debug]",
+        epilog="Every field of every section is a flag --<section>.<field> (dashes or underscores); flags win "
+        "over the file. Set by the job, not flags: pipeline.output, train.data, train.output, eval.model, "
+        "eval.data, eval.output (all under run.output_dir).",
+        allow_abbrev=False,
+    )
     parser.add_argument("--config", required=True, help="YAML with sections run, ray, pipeline, train, eval")
-    add_dataclass_args(parser, RunConfig, "run options (override the 'run:' section)")
-    args = vars(parser.parse_args(argv))
-    plan = build_plan(args.pop("config"), args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    for section, cls in section_classes().items():
+        add_dataclass_args(parser, cls, f"{section} options (override the '{section}:' section)", prefix=section,
+                           hidden=JOB_SET.get(section, ()), aliases=section == "run")  # --force, --push-to-hub
+    return parser
+
+
+def parse_overrides(args: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{"train.max_steps": "20", ...} -> {"train": {"max_steps": "20"}} (typed later by from_dict)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in args.items():
+        if "." in key:
+            section, field = key.split(".", 1)
+            out.setdefault(section, {})[field] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    config = args.pop("config")
+    overrides = parse_overrides(args)
+    # Until the plan is built (it may be the error), tracebacks go where its root will most likely be.
+    set_error_log_dir(Path(overrides.get("run", {}).get("output_dir") or Path("outputs") / Path(config).stem) / "logs")
+    plan = build_plan(config, overrides)
+    set_error_log_dir(plan.root / "logs")  # tracebacks of any later error: <run>/logs/error-*.log
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     run(plan)
     return 0
 

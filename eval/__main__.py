@@ -11,7 +11,6 @@ from cluster.config import run_cli
 def main(argv: list[str] | None = None) -> int:
     from cluster.config import parse_stage_args
     from eval.config import EvalConfig
-    from eval.resolve import EvalError
 
     cfg, ray_cfg, _ = parse_stage_args(
         EvalConfig, "eval", argv,
@@ -22,15 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     import ray
 
-    from cluster.connect import ResourceError
     from eval.job import run
 
     ray_was_up = ray.is_initialized()  # only shut down a Ray this command started
     try:
-        run(cfg, ray_cfg)
-    except (EvalError, ResourceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        run(cfg, ray_cfg)  # a user error (model, data, output, resources) -> run_cli: one line, exit 2
     finally:
         if ray.is_initialized() and not ray_was_up:
             ray.shutdown()

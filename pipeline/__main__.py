@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from cluster.config import parse_stage_args, run_cli
 from pipeline.config import PipelineConfig
@@ -18,13 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import ray
 
-    from pipeline import OutputError, RejectError, SourceError, run
+    from pipeline import run
 
     try:
-        run(cfg, ray_cfg)
-    except (SourceError, OutputError, RejectError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        run(cfg, ray_cfg)  # a user error (source, output, rejects, config) -> run_cli: one line, exit 2
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -105,3 +105,27 @@ def test_local_ray_is_sized_for_a_small_machine(monkeypatch, address):
     init_ray(RayConfig(address="ray://head:10001"))
     assert calls[0]["address"] == "local" and calls[0]["num_cpus"] >= MIN_LOCAL_CPUS
     assert calls[1]["address"] == "ray://head:10001" and "num_cpus" not in calls[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--model", "/no/such/model"], "error: plan: no architecture for '/no/such/model'"),
+    (["plan", "--global-batch-size", "0"], "error: train.global_batch_size must be >= 1, got 0"),
+    (["--max-stepz", "3"], "error: unrecognized arguments: --max-stepz 3; did you mean --max-steps?"),
+])
+def test_train_and_train_plan_user_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, message):
+    """Every entry point: one `error:` line, exit 2; the traceback in a log file; --debug re-raises."""
+    from pathlib import Path
+
+    from cluster.config import run_cli
+    from train.__main__ import main
+
+    monkeypatch.delenv("MATHTUNE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(message), err
+    if "(traceback: " in err:
+        assert "Traceback (most recent call last)" in Path(err.rsplit("(traceback: ", 1)[1].rstrip(")\n")).read_text()
+        monkeypatch.setenv("MATHTUNE_DEBUG", "1")
+        with pytest.raises(ValueError, match=message.removeprefix("error: ").replace("(", r"\(").replace(")", r"\)")):
+            run_cli(lambda: main(argv))

@@ -137,6 +137,7 @@ def test_contradictory_config(kw, msg):
 
 
 def test_cli_errors_exit_codes(tmp_path, capsys):
+    from cluster.config import run_cli
     from eval.__main__ import main
 
     with pytest.raises(SystemExit) as e:  # argparse: unknown flag
@@ -144,8 +145,10 @@ def test_cli_errors_exit_codes(tmp_path, capsys):
     assert e.value.code == 2
     with pytest.raises(ConfigError):  # run_cli turns this into exit 2
         main(["--output", str(tmp_path), "--model", "m"])
-    assert main(["--output", str(tmp_path / "o"), "--model", str(tmp_path / "missing"), "--data", "d"]) == 1
-    assert "error: model directory not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # any user error: one line, exit 2 (cluster.config.run_cli)
+        run_cli(lambda: main(["--output", str(tmp_path / "o"), "--model", str(tmp_path / "missing"), "--data", "d"]))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: model directory not found")
 
 
 def test_block_partials_combine_equals_single_process_aggregate():

@@ -234,8 +234,8 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "--source", str(tmp_path / "missing"), "--output",
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parents[1])
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == f"error: source not found: {tmp_path / 'missing'}"
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"error: source not found: {tmp_path / 'missing'} (traceback: ")
     assert "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "pipeline", "--validation-size", "0.9"], capture_output=True,
                           text=True, timeout=120, cwd=Path(__file__).parents[1])

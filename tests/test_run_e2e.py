@@ -109,6 +109,18 @@ def test_end_to_end_job_driver_kill_resume_outputs_and_no_token_leak(tmp_path):
     assert (train_out / "final" / "model.safetensors").is_file()
     assert "exact match" in log2 and str(train_out / "final") in log2
 
+    # A console a person reads: no per-report chatter, no progress-bar escape codes from workers, Ray Data's
+    # progress as short driver lines, where Ray's logs are said once; the model card carries the metrics.
+    assert "Reporting training result" not in log1 + log2 and "Checkpoint successfully created" not in log2
+    assert "\x1b[A" not in log2 and "Running Dataset" not in log2 and "exclude_resources" not in log2
+    assert log2.count("full logs: ") == 1 and "[train] step " in log2
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(train_out / "final" / "README.md")
+    after = json.loads((out / "eval-after" / "metrics.json").read_text())
+    assert {(r.metric_type, r.metric_config): r.metric_value for r in card.data.eval_results}[
+        ("exact_match", "after")] == round(after["exact_match"], 6)
+
     # 3. A third run finds every stage complete and redoes nothing.
     log3 = _run(config, env)
     assert log3.count("already complete, skipped") == 4, log3[-3000:]
@@ -130,7 +142,7 @@ def test_plan_rejects_unknown_sections_and_bad_keys(tmp_path):
 
 
 def test_plan_puts_every_output_under_one_root(tmp_path):
-    plan = build_plan(str(ROOT / "configs" / "demo.yaml"), {"output_dir": str(tmp_path)})
+    plan = build_plan(str(ROOT / "configs" / "demo.yaml"), {"run": {"output_dir": str(tmp_path)}})
     assert plan.pipeline.output == plan.train.data == plan.eval_after.data == str(tmp_path / "data")
     assert plan.eval_after.model == str(tmp_path / "train" / "final")
     text = format_summary({
@@ -140,3 +152,170 @@ def test_plan_puts_every_output_under_one_root(tmp_path):
         "outputs": {"data": "d"},
     })
     assert "50.00%" in text and "75.00%" in text and "rejected 1" in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# The front door: every option as --<section>.<field>, one error line for any user error, the model card.
+
+def _plan_from_argv(argv: list[str]):
+    from cluster.run import build_parser, parse_overrides
+
+    args = vars(build_parser().parse_args(argv))
+    return build_plan(args.pop("config"), parse_overrides(args))
+
+
+def test_prefixed_flags_override_the_file_and_are_typed(tmp_path):
+    demo = str(ROOT / "configs" / "demo.yaml")
+    plan = _plan_from_argv([
+        "--config", demo, "--train.max-steps", "40", "--train.warmup_steps", "5", "--pipeline.source", "/data/x",
+        "--eval.max-rows", "100", "--ray.num-cpus", "8", "--no-train.use-gpu", "--run.output-dir", str(tmp_path),
+        "--force",
+    ])
+    assert plan.train.max_steps == 40 and plan.train.warmup_steps == 5  # the file says 300 and 30
+    assert plan.train.lr == 3.0e-3 and plan.train.model == "t5-tiny"  # untouched fields keep the file's values
+    assert plan.pipeline.source == "/data/x" and plan.pipeline.train_rows_per_regime == 20000
+    assert plan.eval_after.max_rows == plan.eval_before.max_rows == 100 and plan.eval_after.batch_size == 64
+    assert plan.ray.num_cpus == 8 and plan.ray.object_store_memory_gb == 2
+    assert plan.run.force is True and plan.root == tmp_path
+    assert plan.train.output == str(tmp_path / "train")  # the job's wiring is unchanged by flags
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train.max-steps", "many"], "error: train.max_steps: expected an integer, got 'many'"),
+    (["--train.max-stepz", "3"], "error: unrecognized arguments: --train.max-stepz 3; did you mean --train.max-steps?"),
+    (["--eval.batch-size", "0"], "error: eval.batch_size must be positive, got 0"),
+    (["--train.output", "/tmp/x"], "error: --train.output is set by the job"),
+    (["--train.precision", "fp64"], "error: train.precision: 'fp64' is not one of"),
+])
+def test_bad_flags_are_one_error_line_exit_2(tmp_path, capsys, argv, message):
+    from cluster.config import run_cli
+    from cluster.run import main
+
+    argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "--run.output-dir", str(tmp_path / "run"), *argv]
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith(message), err
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if anything tries to start or connect to Ray."""
+    import ray
+
+    def refuse(*a, **kw):
+        raise AssertionError("Ray was started before the error was found")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MATHTUNE_DEBUG", raising=False)
+    yield
+    assert not ray.is_initialized()
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    return {
+        "missing source": (["--pipeline.source", str(tmp_path / "missing")], "error: source not found"),
+        "bad config value": (["--train.lr", "-1"], "error: train.lr must be > 0"),
+        "unwritable output": (["--run.output-dir", str(a_file)], f"error: run.output_dir {a_file} exists and is a file"),
+        "missing model dir": (["--train.model", str(tmp_path / "no-model")], "error: model directory"),
+        "impossible resources": (["--train.num-workers", "64", "--train.global-batch-size", "128"],
+                                 "error: training needs 64 workers"),
+        "push without token": (["--push-to-hub", "me/math-t5"], "error: --push-to-hub needs a Hugging Face token"),
+        "eval pool too large": (["--eval.num-actors", "8"], "error: eval needs 8 actor(s) x 1 CPUs plus a CPU"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing source", "bad config value", "unwritable output", "missing model dir",
+                                  "impossible resources", "push without token", "eval pool too large"])
+def test_each_class_of_bad_input_is_one_line_before_ray(tmp_path, capsys, monkeypatch, no_ray, case):
+    from cluster.config import run_cli
+    from cluster.run import main
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    flags, message = _bad_inputs(tmp_path)[case]
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(out=tmp_path / "run"))
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(["--config", str(config), *flags]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith(message), err
+    log_file = Path(err.rsplit("(traceback: ", 1)[1].rstrip(")\n"))
+    assert "Traceback (most recent call last)" in log_file.read_text()  # the details are kept
+
+
+def test_the_real_command_fails_in_one_line_within_seconds(tmp_path):
+    """`python -m cluster.run` as a user runs it: a missing source is one line, exit 2, no Ray session,
+    and the traceback is in <run>/logs/."""
+    import time
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(out=tmp_path / "run"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MATHTUNE_DEBUG", None)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cluster.run", "--config", str(config), "--pipeline.source",
+                           str(tmp_path / "missing")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    wall = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"error: source not found: {tmp_path / 'missing'} (traceback: {tmp_path}/run/logs/")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert "local Ray" not in proc.stdout + proc.stderr and wall < 60  # Ray never started (~5 s of imports)
+    assert "SourceError" in next((tmp_path / "run" / "logs").glob("error-*.log")).read_text()
+    # --debug: the same error with its traceback, for a bug report.
+    proc = subprocess.run([sys.executable, "-m", "cluster.run", "--config", str(config), "--pipeline.source",
+                           str(tmp_path / "missing"), "--debug"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("cluster.core.SourceError: source not found")
+
+
+def test_model_card_carries_the_metrics_and_parses(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from cluster.run import write_model_card
+
+    plan = build_plan(str(ROOT / "configs" / "demo.yaml"), {"run": {"output_dir": str(tmp_path)}})
+    final = Path(plan.train.output) / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (Path(plan.train.output) / "summary.json").write_text(json.dumps({"steps": 300, "samples": 38400,
+                                                                      "best": {"step": 250}}))
+    Path(plan.pipeline.output).mkdir(parents=True)
+    (Path(plan.pipeline.output) / "manifest.json").write_text(json.dumps({
+        "config": {"module": "algebra__linear_1d", "source": "generate"}, "rows_in": 62000, "rows_kept": 61990,
+        "rows_rejected": 10, "tokenizer": {"spec": "char"}}))
+    for stage, em, f1 in (("eval-before", 0.0, 0.0145), ("eval-after", 0.012, 0.2909)):
+        Path(tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.json").write_text(json.dumps({"exact_match": em, "f1": f1, "split": "test"}))
+
+    card = ModelCard.load(write_model_card(plan))
+    assert card.data.datasets == ["deepmind/math_dataset"] and card.data.base_model is None  # from scratch
+    results = {(r.metric_type, r.metric_config): r.metric_value for r in card.data.eval_results}
+    assert results == {("exact_match", "after"): 0.012, ("f1", "after"): 0.2909,
+                       ("exact_match", "before"): 0.0, ("f1", "before"): 0.0145}
+    meta = card.data.to_dict()["mathtune"]
+    assert meta["modules"] == ["algebra__linear_1d"] and meta["rows"]["rows_rejected"] == 10
+    assert meta["training"]["max_steps"] == 300 and meta["training"]["lr"] == 3.0e-3 and meta["steps"] == 300
+    assert "| after training | 1.20% | 29.09% |" in card.text
+
+    # A hub checkpoint is named as the base model (the hub links the two).
+    plan.train.model = "google/flan-t5-small"
+    assert ModelCard.load(write_model_card(plan)).data.base_model == "google/flan-t5-small"
+
+
+def test_push_to_hub_refuses_without_token_before_any_work(tmp_path, monkeypatch):
+    import train.trainer
+    from train.__main__ import main as train_main
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(train.trainer, "run", lambda *a: pytest.fail("training started without a token"))
+    with pytest.raises(ConfigError, match="HF_TOKEN"):
+        train_main(["--data", str(tmp_path), "--output", str(tmp_path / "o"), "--push-to-hub", "me/math-t5"])
+    with pytest.raises(ConfigError, match="repo id like 'user/name'"):
+        train_main(["--data", str(tmp_path), "--push-to-hub", "not a repo"])

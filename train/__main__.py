@@ -1,4 +1,4 @@
-"""python -m train --config FILE --data DIR --output DIR [--<field> VALUE ...]
+"""python -m train --config FILE --data DIR --output DIR [--<field> VALUE ...] [--push-to-hub USER/NAME]
 python -m train plan --config FILE [--<field> VALUE ...]    # memory planner, loads no weights"""
 
 from __future__ import annotations
@@ -20,22 +20,28 @@ def main(argv: list[str] | None = None) -> int:
         cfg, _, _ = parse_stage_args(TrainConfig, "train", argv[1:], plan.__doc__ or "", "python -m train plan")
         print(plan.format_plan(plan.estimate(cfg)))
         return 0
-    cfg, ray_cfg, _ = parse_stage_args(
+    # --push-to-hub is a command option, not a train: field: what to do with the result, not how to train.
+    cfg, ray_cfg, args = parse_stage_args(
         TrainConfig, "train", argv,
         "Finetune a T5-family model on the pipeline's Parquet output with Ray Train. Re-running the same "
         "command (same run_name and storage_path) resumes from the latest checkpoint.",
         "python -m train",
+        extra=lambda p: p.add_argument(
+            "--push-to-hub", metavar="USER/NAME", default=None,
+            help="after training, upload <output>/final with its model card to this (private) hub model repo; "
+            "token from $HF_TOKEN only, refused before any work without one"),
     )
-    from cluster.connect import ResourceError
-    from train.checkpoint import CheckpointError
-    from train.model import ModelError
-    from train.trainer import DataError, run
+    push_to = args.push_to_hub
+    from cluster.card import check_push, push_model, write_card
+    from cluster.config import to_dict
+    from train.trainer import run
 
-    try:
-        summary = run(cfg, ray_cfg)
-    except (DataError, ModelError, CheckpointError, ResourceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_push(push_to)  # before any work: no token, no training
+    summary = run(cfg, ray_cfg)  # a user error (data, model, checkpoints, resources) -> run_cli: one line, exit 2
+    card = write_card(summary["final_dir"], to_dict(cfg))
+    print(f"model card: {card}")
+    if push_to:
+        push_model(summary["final_dir"], push_to)
     print(json.dumps({k: summary[k] for k in ("steps", "samples", "wall_time_s", "samples_per_s", "best")}))
     return 0
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.core import ModelError
 from train.config import TrainConfig
 from train.model import TINY_CONFIGS
 
@@ -61,7 +62,7 @@ def architecture(model: str) -> dict[str, Any]:
         d = json.loads(cfg.read_text())
         d.setdefault("num_decoder_layers", d["num_layers"])
         return d
-    raise ValueError(f"plan: no architecture for {model!r}: use a known name ({', '.join(KNOWN_ARCHS)}, "
+    raise ModelError(f"plan: no architecture for {model!r}: use a known name ({', '.join(KNOWN_ARCHS)}, "
                      f"{', '.join(TINY_CONFIGS)}) or a local directory with config.json")
 
 

@@ -71,6 +71,8 @@ def resolve_max_steps(cfg: TrainConfig, train_rows: int) -> int:
 
 
 def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
+    import copy
+
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -112,7 +114,9 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     )
     # Deterministic data order: with preserve_order the splitter hands blocks out in order to the
     # least-fed worker, so the same seed + worker count replays the same batches (and resume can skip).
-    exec_opts = DataConfig.default_ingest_options()
+    # A copy of the context's options: DataConfig.default_ingest_options() trips Ray's exclude_resources
+    # deprecation warning (it passes that field to the ExecutionOptions constructor).
+    exec_opts = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
     exec_opts.preserve_order = True
     log.info("[train] %s: %d steps x %d sequences (%d workers x %d micro x %d accum), %d train rows; "
              "storage %s/%s", cfg.model, max_steps, cfg.global_batch_size, cfg.num_workers, cfg.micro_batch,

@@ -1,0 +1,145 @@
+"""What a person reads on the console, set up in one place (cluster.connect.init_ray calls both halves).
+
+Driver (`setup_driver`): Ray Data's progress is shown once, from the driver, as one short line per
+update (`[data] 1200/2000 rows`) instead of its 8-line block every 10 s; its "Starting execution" and
+"Execution plan" lines stay in Ray Data's own log file (ray-data.log in the session's log folder, printed
+once at start-up). Warnings and errors always show.
+
+Workers (`setup_worker`, Ray's `worker_process_setup_hook`, so it runs in every worker process of the
+job: Ray Train workers, the split coordinator that feeds them, Ray Data tasks and actors): Ray Data's
+progress and execution chatter is not printed to the console (workers are not a terminal: on the
+driver it arrived as raw progress-bar escape codes), and Ray Train's per-report "Reporting training
+result ..." lines are silenced. Training's own step lines (our logger) are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+# Ray Data's non-terminal progress (ray/data/_internal/progress/logging_progress.py) logs, per update:
+# a "===== Running Dataset: ... =====" header, "Total Progress: a/b", a resources line, operator lines
+# and a footer. Only the total is worth a line.
+_TOTAL = re.compile(r"^Total Progress: (\d+)/(\S+)")
+_DATA_PROGRESS_LOGGERS = ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor")
+# Ray Data's notices about the progress settings made here (logged once, as warnings).
+_NOTICES = ("Progress bars for operators disabled", "Progress bars disabled", "[dataset]: A new progress UI")
+# Ray Train V2 names this logger after its file (logging.getLogger(__file__)): "Reporting training result
+# N: TrainingReport(...)" from every worker at every report.
+_TRAIN_REPORT_LOGGER = os.path.join("train", "v2", "_internal", "execution", "context.py")
+# "Checkpoint successfully created at: ..." at every checkpoint (our loop prints its own shorter line).
+_TRAIN_CHECKPOINT_LOGGER = "ray.train.v2._internal.execution.storage"
+
+
+class DriverDataFilter(logging.Filter):
+    """On the console handler of the `ray.data` logger: progress -> `[data] done/total rows`, printed when
+    the count moves (Ray repeats its block every 10 s, also while nothing moves); the per-dataset
+    start/plan/finish INFO lines and progress decorations are dropped (the log file keeps them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(_NOTICES):
+            return False
+        if record.levelno >= logging.WARNING:
+            return True
+        if not record.name.startswith(_DATA_PROGRESS_LOGGERS):
+            return True
+        m = _TOTAL.match(record.getMessage())
+        if not m or m.group(1) == "0" or m.group(0) == self._last:
+            return False
+        self._last = m.group(0)
+        total = "" if m.group(2) == "?" else f"/{m.group(2)}"
+        record.msg, record.args = f"[data] {m.group(1)}{total} rows", None
+        return True
+
+
+class WorkerDataFilter(logging.Filter):
+    """In workers: Ray Data's progress and execution INFO lines are not printed (warnings are)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(_NOTICES):
+            return False
+        return record.levelno >= logging.WARNING or not record.name.startswith(_DATA_PROGRESS_LOGGERS)
+
+
+class DemoteToDebug(logging.Filter):
+    """On a logger: its INFO records become DEBUG, so console handlers (INFO and up) skip them while Ray's
+    DEBUG-level log files keep them. A filter, not a level: Ray Train's dictConfig resets the levels of
+    the `ray.train.*` loggers when a worker starts training, but keeps their filters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
+    # Ray Data's console handler is a StreamHandler subclass (ray._private.log.PlainRayHandler); its file
+    # handler (SessionFileHandler) is not, and keeps every record.
+    return [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+
+
+def _add_filter(handlers: list[logging.Handler], cls: type[logging.Filter]) -> None:
+    for h in handlers:
+        if not any(isinstance(f, cls) for f in h.filters):
+            h.addFilter(cls())
+
+
+def setup_driver() -> None:
+    """Call after `import ray.data` (which installs Ray Data's handlers) and before any dataset runs."""
+    from ray.data import DataContext
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # eval's report plots: "generated new fontManager"
+    ctx = DataContext.get_current()
+    # Operator-level lines are noise for a person; the total is shown (see DriverDataFilter). Datasets
+    # copy the current context when created, so the ones Ray Train feeds its workers inherit this.
+    ctx.enable_operator_progress_bars = False
+    ctx.use_ray_tqdm = False  # bars inside workers would reach the driver as raw escape codes
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO)
+    handlers = _console_handlers(logging.getLogger("ray.data"))
+    _add_filter(handlers, DriverDataFilter)
+    for h in handlers:
+        h.setFormatter(logging.Formatter("%(message)s"))
+
+
+def setup_worker() -> None:
+    """Ray's worker_process_setup_hook (runtime_env): runs once in every worker process of the job."""
+    import ray
+
+    logging.getLogger(os.path.join(os.path.dirname(ray.__file__), _TRAIN_REPORT_LOGGER)).setLevel(logging.WARNING)
+    ckpt_logger = logging.getLogger(_TRAIN_CHECKPOINT_LOGGER)
+    if not any(isinstance(f, DemoteToDebug) for f in ckpt_logger.filters):
+        ckpt_logger.addFilter(DemoteToDebug())
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"  # for a DataContext created in this worker later
+    try:
+        import ray.data
+    except ImportError:  # a worker image without Ray Data: nothing to quiet
+        return
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    _add_filter(_console_handlers(logging.getLogger("ray.data")), WorkerDataFilter)
+
+
+# Worker environment (runtime_env env_vars): no transformers / hub progress bars in workers ("Loading
+# weights" per actor), no Ray Data bars.
+WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
+def quiet_env() -> None:
+    """The driver's own environment: set before transformers is imported (it reads it at import)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def announce_ray(ray, info=None) -> None:
+    """One line: what Ray this is and where its full logs are (they stay there, not on the console)."""
+    if not ray.is_initialized():
+        return
+    node = ray._private.worker._global_node
+    logs = os.path.join(node.get_session_dir_path(), "logs") if node is not None else "/tmp/ray/session_latest/logs"
+    dash = getattr(info, "dashboard_url", None)
+    res = ray.cluster_resources()
+    print(f"[ray] {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; full logs: {logs}"
+          + (f"; dashboard: http://{dash}" if dash else ""), flush=True)

@@ -1,0 +1,44 @@
+"""The console set-up (cluster/console.py): what the driver shows of Ray Data's progress, what workers
+print, and which Ray Train lines are demoted. Pure logging, no Ray started."""
+
+from __future__ import annotations
+
+import logging
+
+from cluster.console import DemoteToDebug, DriverDataFilter, WorkerDataFilter
+
+PROGRESS = "ray.data._internal.progress.logging_progress"
+
+
+def _record(name: str, msg: str, level: int = logging.INFO) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, None, None)
+
+
+def test_driver_shows_total_progress_once_per_change_and_drops_the_rest():
+    f = DriverDataFilter()
+    shown = []
+    for msg in ["======= Running Dataset: dataset_1 =======", "Total Progress: 0/?", "Active & requested resources: 1/4 CPU",
+                "", "MapBatches(tokenize): 0/1", "Total Progress: 120/960", "Total Progress: 120/960",
+                "Total Progress: 960/960", "=" * 40]:
+        r = _record(PROGRESS, msg)
+        if f.filter(r):
+            shown.append(r.getMessage())
+    assert shown == ["[data] 120/960 rows", "[data] 960/960 rows"]
+    # The executor's per-dataset INFO chatter is dropped, its warnings and everything else kept.
+    executor = "ray.data._internal.execution.streaming_executor"
+    assert not f.filter(_record(executor, "Starting execution of Dataset dataset_1. Full logs are in /tmp/ray/..."))
+    assert f.filter(_record(executor, "Operator X is backpressured", logging.WARNING))
+    assert f.filter(_record("ray.data.read_api", "Reading 3 files"))
+    assert not f.filter(_record("ray.data._internal.progress", "Progress bars for operators disabled. To enable, ...",
+                                logging.WARNING))
+
+
+def test_workers_print_no_data_progress_and_train_checkpoint_lines_become_debug():
+    f = WorkerDataFilter()
+    assert not f.filter(_record(PROGRESS, "Total Progress: 8/16"))
+    assert not f.filter(_record("ray.data._internal.progress.tqdm_progress", "[dataset]: A new progress UI is available"))
+    assert f.filter(_record(PROGRESS, "something failed", logging.ERROR))
+    r = _record("ray.train.v2._internal.execution.storage", "Checkpoint successfully created at: ...")
+    assert DemoteToDebug().filter(r) and r.levelno == logging.DEBUG  # kept for DEBUG log files, not the console
+    w = _record("ray.train.v2._internal.execution.storage", "disk full", logging.WARNING)
+    assert DemoteToDebug().filter(w) and w.levelno == logging.WARNING
