@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from cluster.config import ConfigError, RayConfig
 from cluster.connect import init_ray
+from cluster.storage import require_shared_storage
 from pipeline.config import MAX_VALIDATION_SHARE, PipelineConfig, answer_regex
 from pipeline.generate import WORKER_ENV
 from pipeline.sources import SPLITS, ReadUnit, SourceError, plan, read_unit
@@ -68,6 +69,8 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_o
     out = prepare_output(Path(cfg.output))
     t_plan = time.time()
     init_ray(ray_cfg)
+    # Ray Data tasks on other nodes write the shards: the output must be shared storage (cluster/storage.py).
+    require_shared_storage({"pipeline.output": (str(out), False)}, (ray_cfg or RayConfig()).shared_paths, {"CPU": 1})
     t_ray = time.time()
     ds = build_dataset(cfg, units, tokenizer, fraction, _kill_worker_once)
     try:
