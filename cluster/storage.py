@@ -10,7 +10,8 @@ find them. So every path that workers read or write must be one of:
   Kubernetes; the cluster files mount it at /mnt/shared), recognised from /proc/mounts;
 - or declared shared by the user in `ray.shared_paths` (a shared filesystem of a type not recognised here).
 
-A single-node cluster (a laptop, one big GPU node holding the driver too) is always fine.
+A run whose work all stays on the driver's machine (a laptop, one big GPU node holding the driver too, or
+several Ray nodes started on one machine) is always fine: they share one disk.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from cluster.config import ConfigError
+from cluster.config import ConfigError, RayConfig
 
 # Filesystem types (as /proc/mounts names them) that every node mounting the same export sees alike.
 NETWORK_FS = frozenset({
@@ -87,19 +88,22 @@ def local_path_problem(what: str, path: str, mounts: list[Mount], declared: list
             f"see it: {SHARED_HINT}{alt}, or list it in ray.shared_paths if it is shared")
 
 
-def spans_nodes(nodes: list[dict], driver_node_id: str | None, per_bundle: dict[str, float], bundles: int) -> bool:
-    """Whether the work can land on a node other than the driver's: the cluster already has several alive
-    nodes, or the driver's node alone cannot hold the request (so an autoscaler must add nodes for it,
-    e.g. GPU workers beside a CPU head)."""
+def spans_machines(nodes: list[dict], driver_node_id: str | None, per_bundle: dict[str, float], bundles: int,
+                   can_grow: bool) -> bool:
+    """Whether the work can land on a machine other than the driver's (ray.nodes() entries): an alive node
+    lives elsewhere, or the nodes on the driver's machine cannot hold the request and the cluster can grow
+    (an autoscaler adds machines for it, e.g. GPU workers beside a CPU head). A Ray started in this process
+    cannot grow: a request too big for it fails on its own (cluster/connect.py require_resources)."""
     alive = [n for n in nodes if n.get("Alive")]
-    if len(alive) > 1:
-        return True
-    here = next((n for n in alive if n.get("NodeID") == driver_node_id), alive[0] if alive else None)
+    here = next((n for n in alive if n.get("NodeID") == driver_node_id), None)
     if here is None:
+        return bool(alive)
+    host = here.get("NodeManagerAddress")
+    if any(n.get("NodeManagerAddress") != host for n in alive):
         return True
-    res = here.get("Resources", {})
-    fits = min((int(res.get(k, 0) // v) for k, v in per_bundle.items() if v > 0), default=bundles)
-    return fits < bundles
+    fits = sum(min((int(n.get("Resources", {}).get(k, 0) // v) for k, v in per_bundle.items() if v > 0),
+                   default=bundles) for n in alive)
+    return can_grow and fits < bundles
 
 
 def check_shared(paths: dict[str, tuple[str, bool]], *, multi_node: bool, mounts: list[Mount],
@@ -113,16 +117,20 @@ def check_shared(paths: dict[str, tuple[str, bool]], *, multi_node: bool, mounts
             raise ConfigError(problem)
 
 
-def require_shared_storage(paths: dict[str, tuple[str, bool]], declared: list[str], per_bundle: dict[str, float],
-                           bundles: int = 1) -> None:
+def require_shared_storage(paths: dict[str, tuple[str, bool]], ray_cfg: RayConfig | None,
+                           per_bundle: dict[str, float], bundles: int = 1) -> None:
     """check_shared against the live cluster (Ray initialized): its nodes, the driver's node and the
-    driver's /proc/mounts (the cluster files mount the same shared storage on every node)."""
+    driver's /proc/mounts (the cluster files mount the same shared storage on every node). A cluster can
+    grow when the driver connected to one (ray.address / $RAY_ADDRESS, as under `ray job submit`)."""
     import ray
 
+    ray_cfg = ray_cfg or RayConfig()
     try:
         with open("/proc/mounts") as f:
             mounts = parse_mounts(f.read())
     except OSError:  # not Linux: no way to tell, and no cluster node runs there
         return
-    multi = spans_nodes(ray.nodes(), ray.get_runtime_context().get_node_id(), per_bundle, bundles)
-    check_shared(paths, multi_node=multi, mounts=mounts, declared=declared)
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    multi = spans_machines(ray.nodes(), ray.get_runtime_context().get_node_id(), per_bundle, bundles,
+                           can_grow=bool(address and address != "local"))
+    check_shared(paths, multi_node=multi, mounts=mounts, declared=ray_cfg.shared_paths)

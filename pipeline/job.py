@@ -70,7 +70,7 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None, *, _kill_worker_o
     t_plan = time.time()
     init_ray(ray_cfg)
     # Ray Data tasks on other nodes write the shards: the output must be shared storage (cluster/storage.py).
-    require_shared_storage({"pipeline.output": (str(out), False)}, (ray_cfg or RayConfig()).shared_paths, {"CPU": 1})
+    require_shared_storage({"pipeline.output": (str(out), False)}, ray_cfg, {"CPU": 1})
     t_ray = time.time()
     ds = build_dataset(cfg, units, tokenizer, fraction, _kill_worker_once)
     try:

@@ -17,7 +17,7 @@ from cluster.storage import (
     local_path_problem,
     mount_of,
     parse_mounts,
-    spans_nodes,
+    spans_machines,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,8 +98,8 @@ MOUNTS = parse_mounts(
     "bucket /mnt/gcs fuse.gcsfuse rw 0 0\n"
     "/dev/sdb /mnt/with\\040space ext4 rw 0 0\n"
 )
-HEAD = {"NodeID": "head", "Alive": True, "Resources": {"CPU": 8.0}}
-GPU_NODE = {"NodeID": "gpu", "Alive": True, "Resources": {"CPU": 96.0, "GPU": 8.0}}
+HEAD = {"NodeID": "head", "Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 8.0}}
+GPU_NODE = {"NodeID": "gpu", "Alive": True, "NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 96.0, "GPU": 8.0}}
 
 
 def test_mount_table_parsing_and_lookup():
@@ -135,13 +135,20 @@ def test_declared_shared_paths_are_trusted():
     assert RayConfig().shared_paths == []
 
 
-def test_which_runs_span_nodes():
+def test_which_runs_span_machines():
     train = ({"CPU": 8, "GPU": 1}, 8)
-    assert spans_nodes([HEAD], "head", *train), "a CPU head: GPU workers must come from other nodes"
-    assert spans_nodes([HEAD, GPU_NODE], "head", {"CPU": 1}, 1), "several alive nodes"
-    assert not spans_nodes([GPU_NODE], "gpu", *train), "one 8-GPU node running the driver too"
-    assert not spans_nodes([HEAD], "head", {"CPU": 1}, 1), "CPU-only work that fits the head"
-    assert not spans_nodes([HEAD, {**GPU_NODE, "Alive": False}], "head", {"CPU": 1}, 4), "dead nodes do not count"
+    assert spans_machines([HEAD], "head", *train, can_grow=True), "a CPU head: GPU workers come from other machines"
+    assert spans_machines([HEAD, GPU_NODE], "head", {"CPU": 1}, 1, can_grow=False), "a node on another machine"
+    assert not spans_machines([GPU_NODE], "gpu", *train, can_grow=True), "one 8-GPU node running the driver too"
+    assert not spans_machines([HEAD], "head", {"CPU": 1}, 1, can_grow=True), "CPU-only work that fits the head"
+    assert not spans_machines([HEAD, {**GPU_NODE, "Alive": False}], "head", {"CPU": 1}, 4, can_grow=False), (
+        "dead nodes do not count; a local Ray that cannot grow refuses the request elsewhere")
+    # Several Ray nodes on one machine (tests, a workstation) share its disk: not multi-machine.
+    local = [{**HEAD, "NodeManagerAddress": "127.0.0.1", "Resources": {"CPU": 0.0}},
+             {"NodeID": "w1", "Alive": True, "NodeManagerAddress": "127.0.0.1", "Resources": {"CPU": 2.0}},
+             {"NodeID": "w2", "Alive": True, "NodeManagerAddress": "127.0.0.1", "Resources": {"CPU": 2.0}}]
+    assert not spans_machines(local, "head", {"CPU": 1}, 2, can_grow=True)
+    assert spans_machines(local, "head", {"CPU": 1}, 8, can_grow=True), "too big for this machine: it must grow"
 
 
 def test_check_shared_raises_one_line_only_for_multi_node_runs():

@@ -158,7 +158,7 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     init_ray(ray_cfg)
     # Multi-node: workers must see the data, rank 0's outputs and the checkpoints (cluster/storage.py).
     require_shared_storage({"train.data": (cfg.data, False), "train.output": (cfg.output, False),
-                            "train.storage_path": (storage, True)}, ray_cfg.shared_paths,
+                            "train.storage_path": (storage, True)}, ray_cfg,
                            {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}, cfg.num_workers)
     datasets = {"train": ray.data.read_parquet(train_files.files, columns=TRAIN_COLUMNS)}
     if cfg.eval_samples:
