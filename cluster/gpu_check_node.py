@@ -47,24 +47,26 @@ def fmt(v: tuple[int, ...]) -> str:
 
 def diagnose(driver: str | None, torch_version: str, torch_cuda: str | None, cuda_available: bool,
              matmul_error: str | None) -> str | None:
-    """None when the node is usable, else the one-line reason (what was found and what to do)."""
+    """None when the node is usable (torch sees the GPU and the bf16 matmul ran), else the one-line reason:
+    what was found and what to do. The driver version explains a failure; it never fails a working node
+    (a CUDA forward-compatibility package can make an old driver work)."""
     found = f"NVIDIA driver {driver or 'not found'}, torch {torch_version} built for CUDA {torch_cuda or 'none (CPU build)'}"
     if torch_cuda is None:
         return (f"GPU node check failed: {found}. This is torch's CPU build: install the CUDA build "
                 "(pip install torch==<pin> --index-url https://download.pytorch.org/whl/cu126)")
-    if driver is None:
-        return (f"GPU node check failed: {found}. No NVIDIA driver is visible here: use a GPU image with the "
-                "driver installed and run the container with the GPUs (docker --gpus all / nvidia.com/gpu)")
+    if cuda_available and matmul_error is None:
+        return None
     need = min_driver(torch_cuda)
-    if need is not None and parse_version(driver) < need:
+    if driver is not None and need is not None and parse_version(driver) < need:
         return (f"GPU node check failed: {found}; CUDA {torch_cuda} needs driver >= {fmt(need)}. Use a node "
                 f"image with a newer driver, or a torch build for an older CUDA (--index-url "
                 f"https://download.pytorch.org/whl/cu126 runs on drivers >= 525.60.13)")
     if not cuda_available:
+        if driver is None:
+            return (f"GPU node check failed: {found}. No NVIDIA driver is visible here: use a GPU image with the "
+                    "driver installed and run the container with the GPUs (docker --gpus all / nvidia.com/gpu)")
         return f"GPU node check failed: {found}, but torch.cuda.is_available() is False (no GPU visible to torch)"
-    if matmul_error is not None:
-        return f"GPU node check failed: {found}; a bf16 matmul on the GPU failed: {matmul_error}"
-    return None
+    return f"GPU node check failed: {found}; a bf16 matmul on the GPU failed: {matmul_error}"
 
 
 def read_driver() -> str | None:

@@ -49,6 +49,8 @@ def test_cuda13_torch_on_a_570_driver_is_refused_naming_both_versions():
 def test_cuda12_torch_on_the_same_driver_passes():
     assert g.diagnose("570.133.20", "2.13.0+cu126", "12.6", cuda_available=True, matmul_error=None) is None
     assert g.diagnose("580.65.06", "2.13.0", "13.0", cuda_available=True, matmul_error=None) is None
+    # The driver version explains failures; a node whose torch works is never failed for it.
+    assert g.diagnose(None, "2.13.0", "12.6", cuda_available=True, matmul_error=None) is None
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,7 @@ def test_cuda12_torch_on_the_same_driver_passes():
         ("535.183.01", "12.6", False, None, "torch.cuda.is_available() is False"),
         ("535.183.01", "12.6", True, "CUBLAS_STATUS_NOT_SUPPORTED", "bf16 matmul on the GPU failed: CUBLAS"),
         ("520.61.05", "12.1", False, None, "needs driver >= 525.60.13"),
+        ("570.133.20", "13.0", True, "CUDA driver version is insufficient", "needs driver >= 580.65.6"),
     ],
 )
 def test_every_failure_names_driver_and_torch_cuda(driver, cuda, available, matmul, expected):
