@@ -45,6 +45,10 @@ class RayConfig:
     resource_timeout_s: float = 0.0
     """How long to wait for an autoscaling cluster to grow to the requested resources before failing.
     0 = decide now from what the cluster has (right for a local Ray, which never grows)."""
+    shared_paths: list[str] = dataclasses.field(default_factory=list)
+    """Paths every node of the cluster mounts that /proc/mounts does not show as network storage (NFS, EFS,
+    Filestore, Lustre, gcsfuse... are recognised). A multi-node run refuses any other local path for data,
+    outputs and checkpoints before it starts (cluster/storage.py)."""
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1:

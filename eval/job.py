@@ -156,6 +156,7 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     import ray
 
     from cluster.connect import init_ray
+    from cluster.storage import require_shared_storage
     from eval.predict import Predictor
     from eval.resolve import (
         check_model_loads,
@@ -186,6 +187,10 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
 
     init_ray(ray_cfg)
     actors, cpus, gpus, threads = _pool_size(cfg, ray_cfg)
+    # Actors on other nodes read the data and load the model (cluster/storage.py).
+    local_model = cfg.model if os.path.isdir(cfg.model) else ""  # a hub id is downloaded on each node
+    require_shared_storage({"eval.data": (cfg.data, False), "eval.model": (local_model, False)},
+                           ray_cfg, {"CPU": cpus, "GPU": gpus}, actors)
     log.info(
         "eval: %s on %d rows of %s, %d actor(s) x (%g CPU, %g GPU), batch %d, max_new_tokens %d",
         model.spec, split.rows, split.path, actors, cpus, gpus, cfg.batch_size, max_new_tokens,

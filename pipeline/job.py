@@ -39,6 +39,7 @@ from cluster.core import (
     tokenizer_identity,
     write_json_atomic,
 )
+from cluster.storage import require_shared_storage
 from pipeline.config import MAX_VALIDATION_SHARE, PipelineConfig
 from pipeline.generate import WORKER_ENV
 from pipeline.sources import SPLITS, ReadUnit, plan, read_unit
@@ -75,6 +76,8 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None) -> dict:
     out = prepare_output(Path(cfg.output))
     t_plan = time.time()
     init_ray(ray_cfg)
+    # Ray Data tasks on other nodes write the shards: the output must be shared storage (cluster/storage.py).
+    require_shared_storage({"pipeline.output": (str(out), False)}, ray_cfg, {"CPU": 1})
     t_ray = time.time()
     try:
         with ordered_execution():

@@ -1,11 +1,14 @@
 """The files in cluster/ are checked the way their consumers would check them, without a cloud account:
-launcher YAMLs against Ray's own autoscaler schema, the KubeRay manifest for the fields KubeRay needs, every
-Ray version against the project's pin, and every file for ports opened to the internet. Seconds, no Ray."""
+launcher YAMLs against Ray's own autoscaler schema, the RayJob against KubeRay's own CRD schema, every
+Ray version against the project's pin, and every file for ports opened to the internet. Then each cluster
+file is read together with each shipped GPU config, to prove the cluster can serve it: enough GPUs on the
+node type, storage every node reaches, torch that sees the GPUs. Seconds, no Ray."""
 
 from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import re
 import zipfile
 from pathlib import Path
@@ -24,6 +27,8 @@ CLUSTER = ROOT / "cluster"
 LAUNCHERS = ("aws.yaml", "gcp.yaml")
 KUBERAY = "kuberay-rayjob.yaml"
 RUNTIME_ENV = "runtime_env.yaml"
+DOCKERFILE = CLUSTER / "Dockerfile"
+CRD_SCHEMA = ROOT / "tests" / "data" / "kuberay_rayjob_schema.json"
 # Ray's head ports that must never face the internet: GCS, dashboard + job API, Ray Client.
 PRIVATE_PORTS = {6379: "GCS", 8265: "dashboard/job API", 10001: "Ray Client"}
 
@@ -38,12 +43,23 @@ def pinned_ray_version() -> str:
     return pins[0]
 
 
+def pinned_torch_version() -> str:
+    pins = [m.group(1) for d in pyproject_deps() if (m := re.fullmatch(r"torch==([\w.]+)", d))]
+    assert len(pins) == 1, f"pyproject.toml must pin torch exactly once (torch==X.Y.Z), found {pins}"
+    return pins[0]
+
+
 def load(name: str) -> Any:
     return yaml.safe_load((CLUSTER / name).read_text())
 
 
 def load_all(name: str) -> list[Any]:
     return [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d is not None]
+
+
+def rayjob() -> dict:
+    (job,) = [d for d in load_all(KUBERAY) if d["kind"] == "RayJob"]
+    return job
 
 
 def walk(node: Any, path: str = ""):
@@ -123,7 +139,7 @@ def test_launcher_installs_the_project_and_ships_the_checkout(name):
 
 
 def test_kuberay_rayjob_has_the_fields_kuberay_requires():
-    (job,) = load_all(KUBERAY)
+    job = rayjob()
     assert job["apiVersion"] == "ray.io/v1"
     assert job["kind"] == "RayJob"
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"]), "not a DNS-1123 name"
@@ -134,7 +150,7 @@ def test_kuberay_rayjob_has_the_fields_kuberay_requires():
     assert isinstance(head["rayStartParams"], dict)
     assert all(isinstance(v, str) for v in head["rayStartParams"].values()), "rayStartParams values are strings"
     (head_container,) = head["template"]["spec"]["containers"]
-    assert head_container["image"].startswith("rayproject/ray:")
+    assert head_container["image"] == project_image_tag(), "the head runs the image cluster/Dockerfile builds"
     assert "nvidia.com/gpu" not in head_container["resources"]["limits"], "the head needs no GPU"
 
     assert rc["enableInTreeAutoscaling"] is True
@@ -149,17 +165,17 @@ def test_kuberay_rayjob_has_the_fields_kuberay_requires():
         assert c["resources"]["limits"]["nvidia.com/gpu"] >= 1
 
 
-def test_kuberay_runtime_env_installs_exactly_pyprojects_dependencies():
-    (job,) = load_all(KUBERAY)
-    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+def test_kuberay_runtime_env_ships_only_the_code():
+    runtime_env = yaml.safe_load(rayjob()["spec"]["runtimeEnvYAML"])
     assert runtime_env["working_dir"].endswith(".zip"), "a pod has no checkout: working_dir must be a remote zip"
-    assert sorted(runtime_env["pip"]) == sorted(pyproject_deps()), (
-        "the RayJob's pip list drifted from pyproject.toml's dependencies"
+    assert set(runtime_env) == {"working_dir"}, (
+        f"{sorted(set(runtime_env) - {'working_dir'})}: dependencies belong in the image (cluster/Dockerfile), "
+        "not installed into every pod of every job"
     )
 
 
 def test_the_submitted_config_exists():
-    (job,) = load_all(KUBERAY)
+    job = rayjob()
     config = job["spec"]["entrypoint"].split("--config", 1)[1].split()[0]
     assert (ROOT / config).is_file(), f"the RayJob runs {config}, which is not in the repo"
 
@@ -192,7 +208,7 @@ def test_version_scan_catches_mismatches():
 
 def test_every_ray_version_equals_the_pin():
     pin = pinned_ray_version()
-    files = sorted(CLUSTER.glob("*.y*ml")) + [CLUSTER / "README.md", ROOT / "Makefile"]
+    files = sorted(CLUSTER.glob("*.y*ml")) + [DOCKERFILE, CLUSTER / "README.md", ROOT / "Makefile"]
     found = {p.name: ray_versions_in(p.read_text()) for p in files if p.exists()}
     wrong = {name: [f for f in fs if f[1] != pin] for name, fs in found.items()}
     assert not any(wrong.values()), f"Ray versions differ from pyproject's ray=={pin}: {wrong}"
@@ -200,7 +216,8 @@ def test_every_ray_version_equals_the_pin():
     for name in LAUNCHERS:
         kinds = {k for k, _ in found[name]}
         assert {"image tag", "version check"} <= kinds, (name, found[name])
-    assert {"image tag", "rayVersion", "pip pin"} <= {k for k, _ in found[KUBERAY]}
+    assert {"rayVersion"} <= {k for k, _ in found[KUBERAY]}
+    assert {"image tag"} <= {k for k, _ in found["Dockerfile"]}, "the KubeRay image's base is rayproject/ray"
 
 
 def test_no_deprecated_ray_ml_image():
@@ -265,7 +282,7 @@ def test_launcher_enables_token_auth_on_every_node(name):
 
 
 def test_kuberay_enables_token_auth():
-    (job,) = load_all(KUBERAY)
+    job = rayjob()
     assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
 
 
@@ -280,8 +297,7 @@ def test_kuberay_exposes_nothing_outside_the_cluster():
             assert not (key == "hostNetwork" and value is True), f"{path}: hostNetwork puts Ray on the node's IPs"
             assert not (key == "enableIngress" and value is True), path
             assert value not in ("LoadBalancer", "NodePort"), f"{path}: {value} publishes the head's ports"
-    (job,) = docs
-    assert job["spec"]["rayClusterSpec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    assert rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,3 +334,365 @@ def test_make_submit_matches_the_documented_command():
     assert "ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- " in recipe
     assert "python -m cluster.run --config $(CONFIG)" in recipe
     assert "RAY_ADDRESS" in recipe, "make submit must refuse to run without RAY_ADDRESS"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The RayJob against KubeRay's own CRD schema (tests/data/kuberay_rayjob_schema.json, extracted unchanged from
+# ray-project/kuberay; the file names the commit). Kubernetes prunes unknown fields silently, but `kubectl
+# apply` validates strictly by default (--validate=strict: an unknown field is an error): so every object
+# schema that lists its properties is closed here, as kubectl would.
+
+
+def strict(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def rayjob_validator():
+    import jsonschema
+
+    schema = json.loads(CRD_SCHEMA.read_text())["schema"]
+    return jsonschema.Draft7Validator(strict(schema))
+
+
+def test_rayjob_passes_kuberays_crd_schema():
+    errors = sorted(rayjob_validator().iter_errors(rayjob()), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10])
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("spec", "shutdownAfterJobFinish"), True, "Additional properties"),  # the real key ends in -es
+        (("spec", "rayClusterSpec", "workerGroupSpecs", 0, "maxReplicas"), "1", "is not of type 'integer'"),
+        (("spec", "rayClusterSpec", "headGroupSpec", "template", "spec", "containers", 0, "imagePullPolicy"), 7,
+         "is not of type 'string'"),
+        (("spec", "rayClusterSpec", "authOptions", "mode"), "tokens", "is not one of"),
+    ],
+)
+def test_crd_validation_is_not_vacuous(path, value, expected):
+    job = copy.deepcopy(rayjob())
+    node = job
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    messages = [e.message for e in rayjob_validator().iter_errors(job)]
+    assert any(expected in m for m in messages), messages
+
+
+def test_crd_schema_note_names_its_source():
+    data = json.loads(CRD_SCHEMA.read_text())
+    assert re.search(r"ray-project/kuberay .*ray\.io_rayjobs\.yaml, commit [0-9a-f]{40}", data["_source"])
+    assert data["schema"]["properties"]["kind"] == {"type": "string"}
+    assert "rayClusterSpec" in data["schema"]["properties"]["spec"]["properties"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The KubeRay image: built from cluster/Dockerfile, torch baked in from a CUDA 12 index.
+
+TORCH_INDEX = re.compile(r"pip install[^\n]*\btorch==([\w.]+)[^\n]*--index-url https://download\.pytorch\.org/whl/cu(\d+)")
+
+
+def dockerfile_torch() -> tuple[str, str]:
+    """(torch version, cuXYZ) the Dockerfile installs."""
+    (m,) = TORCH_INDEX.finditer(DOCKERFILE.read_text())
+    return m.group(1), f"cu{m.group(2)}"
+
+
+def project_image_tag() -> str:
+    torch_version, cu = dockerfile_torch()
+    return f"YOUR_REGISTRY/mathtune:ray{pinned_ray_version()}-torch{torch_version}-{cu}"
+
+
+def test_dockerfile_bakes_pyprojects_dependencies_and_cuda12_torch():
+    text = DOCKERFILE.read_text()
+    (base,) = re.findall(r"^FROM (\S+)", text, re.M)
+    assert base == f"rayproject/ray:{pinned_ray_version()}-py311-gpu"
+    torch_version, cu = dockerfile_torch()
+    assert torch_version == pinned_torch_version(), "the image's torch must be pyproject's pin"
+    assert cu.startswith("cu12"), f"{cu}: a CUDA 12 build runs on drivers >= 525; CUDA 13 needs >= 580"
+    # The other dependencies come from pyproject.toml itself, after torch (so the CUDA 12 build is kept).
+    assert "COPY pyproject.toml" in text and "['project']['dependencies']" in text
+    assert text.index("--index-url") < text.index("pip install --no-cache-dir -r")
+    # The GPU node check travels in the image, and the build context holds exactly what is copied.
+    copied = re.findall(r"^COPY (.+) \S+$", text, re.M)
+    sources = {src for line in copied for src in line.split()}
+    assert sources == {"pyproject.toml", "cluster/__init__.py", "cluster/gpu_check_node.py"}
+    ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split("\n")
+    assert "*" in ignore and all(f"!{src}" in ignore for src in sources)
+    for src in sources:
+        assert (ROOT / src).is_file()
+
+
+def test_kuberay_pods_run_the_project_image():
+    images = {c["image"] for _, key, v in walk(rayjob()) if key in ("containers", "initContainers") for c in v}
+    assert images == {project_image_tag()}, images
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Each cluster file x each shipped GPU config: can this cluster serve this config as written?
+
+
+def gpu_configs() -> list[Path]:
+    found = [p for p in sorted((ROOT / "configs").glob("*.yaml"))
+             if (yaml.safe_load(p.read_text()).get("train") or {}).get("use_gpu")]
+    assert found, "no shipped GPU config"
+    return found
+
+
+CLUSTERS = (*LAUNCHERS, KUBERAY)
+
+
+def gpu_node_types(name: str, config: dict | None = None) -> list[dict]:
+    """Each GPU node type of a cluster file: GPUs and CPUs per node, how many nodes, its instance type."""
+    if name == KUBERAY:
+        out = []
+        for g in (config or rayjob())["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+            (c,) = g["template"]["spec"]["containers"]
+            limits = c["resources"]["limits"]
+            if limits.get("nvidia.com/gpu", 0):
+                out.append({"name": g["groupName"], "gpus": int(limits["nvidia.com/gpu"]), "cpus": float(limits["cpu"]),
+                            "nodes": g["maxReplicas"], "instance": None})
+        return out
+    config = config or load(name)
+    out = []
+    for type_name, t in config["available_node_types"].items():
+        if t["resources"].get("GPU", 0):
+            nc = t["node_config"]
+            out.append({"name": type_name, "gpus": int(t["resources"]["GPU"]), "cpus": float(t["resources"]["CPU"]),
+                        "nodes": min(t["max_workers"], config["max_workers"]),
+                        "instance": nc.get("InstanceType") or nc.get("machineType")})
+    return out
+
+
+def job_plan(config: Path):
+    """The paths and settings the end-to-end job (python -m cluster.run) really uses for this config."""
+    from cluster.run import build_plan
+
+    return build_plan(str(config), {})
+
+
+def capacity_problems(name: str, config: Path, cluster: dict | None = None) -> list[str]:
+    """Why this cluster cannot serve this config as written (empty: it can)."""
+    from train.plan import GPUS, NODE_TYPES, estimate
+
+    plan = job_plan(config)
+    train, ev = plan.train, plan.eval_after
+    types = gpu_node_types(name, cluster)
+    if not types:
+        return [f"{name}: no GPU node type"]
+    problems = []
+    # Ray Train places one bundle (1 GPU + cpus_per_worker CPUs) per worker, each inside one node.
+    fits = {t["name"]: min(t["gpus"], int(t["cpus"] // train.cpus_per_worker)) * t["nodes"] for t in types}
+    if sum(fits.values()) < train.num_workers:
+        problems.append(f"{name} holds {fits} training workers of 1 GPU + {train.cpus_per_worker:g} CPUs; "
+                        f"{config.name} asks for {train.num_workers} (the job would wait, then fail)")
+    # One node holds every worker: DDP all-reduces over NVLink. Otherwise over TCP: compress the gradients.
+    one_node = any(min(t["gpus"], int(t["cpus"] // train.cpus_per_worker)) >= train.num_workers for t in types)
+    if not one_node and train.ddp_comm_hook != "bf16":
+        problems.append(f"{name}: {config.name}'s {train.num_workers} workers span nodes over TCP; "
+                        "set train.ddp_comm_hook: bf16")
+    # Eval: an actor's GPUs fit on one node.
+    if not all((ev.gpus_per_actor or 1) <= t["gpus"] for t in types):
+        problems.append(f"{name}: eval.gpus_per_actor {ev.gpus_per_actor} exceeds a node's GPUs")
+    # Memory: the planner's estimate fits the node type's GPU (KubeRay: the smallest GPU of an 8-GPU type).
+    for t in types:
+        if t["instance"] and t["instance"] not in NODE_TYPES:
+            problems.append(f"{name}: {t['instance']} is not in train/plan.py's NODE_TYPES")
+            continue
+        gpu = (NODE_TYPES[t["instance"]][0] if t["instance"]
+               else min((g for g, n in NODE_TYPES.values() if n == t["gpus"]), key=GPUS.get))
+        if t["instance"] and NODE_TYPES[t["instance"]][1] != t["gpus"]:
+            problems.append(f"{name}: {t['instance']} has {NODE_TYPES[t['instance']][1]} GPUs, not {t['gpus']}")
+        if not estimate(train).fits()[gpu]:
+            problems.append(f"{config.name} needs more than a {gpu} per worker (python -m train plan)")
+    return problems
+
+
+@pytest.mark.parametrize("config", gpu_configs(), ids=lambda p: p.name)
+@pytest.mark.parametrize("name", CLUSTERS)
+def test_the_cluster_has_the_gpus_the_config_asks_for(name, config):
+    assert capacity_problems(name, config) == []
+
+
+def test_capacity_check_is_not_vacuous():
+    """The topology this replaced (at most four 1-GPU g5.2xlarge nodes) cannot serve flan-t5-large's 8 workers."""
+    config = ROOT / "configs" / "flan-t5-large.yaml"
+    old = load("aws.yaml")
+    old["max_workers"] = 4
+    old["available_node_types"]["gpu_worker"].update(max_workers=4, resources={"CPU": 8, "GPU": 1})
+    old["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"] = "g5.2xlarge"
+    problems = capacity_problems("aws.yaml", config, old)
+    assert any("asks for 8" in p for p in problems) and any("ddp_comm_hook: bf16" in p for p in problems)
+    assert any("g5.2xlarge is not in" in p for p in problems)
+    two_nodes = load("gcp.yaml")
+    two_nodes["max_workers"] = 2
+    two_nodes["available_node_types"]["gpu_worker"].update(max_workers=2, resources={"CPU": 48, "GPU": 4})
+    two_nodes["available_node_types"]["gpu_worker"]["node_config"]["machineType"] = "a2-highgpu-4g"
+    assert any("span nodes over TCP" in p for p in capacity_problems("gcp.yaml", config, two_nodes))
+
+
+def shared_mounts(name: str, config: dict | None = None) -> set[str]:
+    """Paths every node of the cluster mounts from one network filesystem."""
+    if name == KUBERAY:
+        docs = load_all(KUBERAY)
+        rwx = {d["metadata"]["name"] for d in docs
+               if d["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"]["accessModes"]}
+        rc = rayjob()["spec"]["rayClusterSpec"]
+        pods = [rc["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in rc["workerGroupSpecs"]]
+        per_pod = []
+        for pod in pods:
+            claims = {v["name"] for v in pod.get("volumes", [])
+                      if v.get("persistentVolumeClaim", {}).get("claimName") in rwx}
+            (c,) = pod["containers"]
+            per_pod.append({m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in claims})
+        return set.intersection(*per_pod)
+    config = config or load(name)
+    # Mounted on the host of every node (initialization_commands run on all of them) and handed to the
+    # container at the same path (docker run_options, which apply to every node).
+    nfs = set(re.findall(r"mount -t nfs4? .*? (/\S+)\s*$", "\n".join(config["initialization_commands"]), re.M))
+    volumes = {a for o in config["docker"]["run_options"] if (m := re.fullmatch(r"-v (\S+):(\S+)", o))
+               for a in [m.group(2)] if m.group(1) == m.group(2)}
+    return nfs & volumes
+
+
+def cloud_credentials(name: str) -> bool:
+    """Whether every node can write object storage (checkpoints) without keys in files."""
+    if name == KUBERAY:
+        rc = rayjob()["spec"]["rayClusterSpec"]
+        pods = [rc["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in rc["workerGroupSpecs"]]
+        return all(p.get("serviceAccountName") for p in pods)
+    config = load(name)
+    workers = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
+    # The head gets Ray's own instance profile / service account; workers need theirs stated.
+    return all(t["node_config"].get("IamInstanceProfile") or t["node_config"].get("serviceAccounts") for t in workers)
+
+
+@pytest.mark.parametrize("config", gpu_configs(), ids=lambda p: p.name)
+@pytest.mark.parametrize("name", CLUSTERS)
+def test_every_node_reaches_the_configs_storage(name, config):
+    from cluster.storage import Mount, local_path_problem
+
+    mounts = [Mount("/", "overlay")] + [Mount(p, "nfs4") for p in shared_mounts(name)]
+    assert len(mounts) > 1, f"{name} mounts no shared filesystem on every node"
+    plan = job_plan(config)
+    # What workers read or write in the job: the same keys the stages check at run time (cluster/storage.py).
+    paths = {
+        "pipeline.output": (plan.pipeline.output, False),
+        "train.data": (plan.train.data, False),
+        "train.output": (plan.train.output, False),
+        "train.storage_path": (plan.train.resolved_storage_path(), True),
+        "eval.data": (plan.eval_after.data, False),
+        "eval.model": (plan.eval_after.model, False),
+    }
+    problems = [p for what, (path, uri_ok) in paths.items()
+                if (p := local_path_problem(what, path, mounts, plan.ray.shared_paths, uri_ok))]
+    assert not problems, f"{name} x {config.name}: {problems}"
+    # Checkpoints on object storage: the nodes need credentials for it.
+    storage = plan.train.resolved_storage_path()
+    assert re.match(r"(s3|gs)://", storage), f"checkpoints belong on object storage, got {storage}"
+    assert cloud_credentials(name), f"{name}: not every node can write {storage}"
+
+
+def test_storage_check_is_not_vacuous():
+    from cluster.storage import Mount, local_path_problem
+
+    assert shared_mounts("aws.yaml") == {"/mnt/shared"}
+    mounts = [Mount("/", "overlay")] + [Mount(p, "nfs4") for p in shared_mounts("aws.yaml")]
+    # The Anyscale-only path this replaced is on the node's own disk of a `ray up` cluster.
+    assert local_path_problem("train.output", "/mnt/cluster_storage/mathtune/train", mounts, [], False)
+    # Mounted on the host but not handed to the container: not shared.
+    config = load("aws.yaml")
+    config["docker"]["run_options"] = [o for o in config["docker"]["run_options"] if not o.startswith("-v ")]
+    assert shared_mounts("aws.yaml", config) == set()
+    config = load("gcp.yaml")
+    config["initialization_commands"] = [c for c in config["initialization_commands"] if "mount -t" not in c]
+    assert shared_mounts("gcp.yaml", config) == set()
+
+
+def test_the_config_names_no_anyscale_only_storage():
+    for config in gpu_configs():
+        assert "/mnt/cluster_storage" not in config.read_text(), f"{config.name}: no ray up / KubeRay cluster mounts it"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU nodes: a torch whose CUDA the node's driver runs, and the node check before the node joins.
+
+# The oldest NVIDIA driver each node image ships (the DLAMI "Base OSS Nvidia Driver" line started at 535;
+# GCP's Deep Learning VM families name theirs).
+IMAGE_DRIVERS = {
+    "base-oss-nvidia-driver-gpu-ubuntu-22.04": "535.54.03",
+    "common-cu128-ubuntu-2204-nvidia-570": "570.86.15",
+}
+
+
+def launcher_torch_cuda(config: dict) -> str:
+    """The CUDA version of the torch the launcher's setup installs ('12.6'); its version must be the pin."""
+    cmds = "\n".join(config["setup_commands"])
+    (m,) = TORCH_INDEX.finditer(cmds)
+    assert m.group(1) == pinned_torch_version()
+    torch_at = cmds.index(m.group(0))
+    project_at = next(cmds.index(c) for c in config["setup_commands"] if re.search(r"pip install -q -e ", c))
+    assert torch_at < project_at, "torch from the CUDA 12 index first, or pyproject's pin pulls PyPI's CUDA 13 build"
+    digits = m.group(2)
+    return f"{digits[:-1]}.{digits[-1]}"
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_torch_cuda_agrees_with_the_node_driver(name):
+    from cluster.gpu_check_node import diagnose
+
+    config = load(name)
+    cuda = launcher_torch_cuda(config)
+    for type_name, t in config["available_node_types"].items():
+        if not t["resources"].get("GPU"):
+            continue
+        image = t["node_config"].get("ImageId") or t["node_config"]["disks"][0]["initializeParams"]["sourceImage"]
+        (driver,) = [d for key, d in IMAGE_DRIVERS.items() if key in image] or [None]
+        assert driver, f"{name}.{type_name}: image {image} has no known NVIDIA driver (add it to IMAGE_DRIVERS)"
+        assert diagnose(driver, pinned_torch_version(), cuda, True, None) is None, (
+            diagnose(driver, pinned_torch_version(), cuda, True, None))
+
+
+def test_pypis_cuda13_torch_would_be_refused_on_these_images():
+    from cluster.gpu_check_node import diagnose
+
+    msg = diagnose(IMAGE_DRIVERS["common-cu128-ubuntu-2204-nvidia-570"], "2.13.0", "13.0", False, None)
+    assert msg and "needs driver >= 580" in msg
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_gpu_nodes_run_the_node_check(name):
+    config = load(name)
+    checkout = next(k for k, v in config["file_mounts"].items() if v == ".")
+    assert f"cd {checkout} && python -m cluster.gpu_check_node" in config["worker_setup_commands"], (
+        f"{name}: every GPU node must run the check from the project checkout before it joins"
+    )
+    # Only GPU workers exist besides the head, so worker_setup_commands reach every GPU node; the head
+    # (no GPU) must not run it.
+    workers = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
+    assert all(t["resources"].get("GPU", 0) >= 1 for t in workers)
+    assert not any("gpu_check_node" in c for c in config["head_setup_commands"] + config["setup_commands"])
+    assert config["docker"].get("worker_run_options") == ["--gpus all"]
+
+
+def test_kuberay_gpu_workers_run_the_node_check_first():
+    for g in rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        pod = g["template"]["spec"]
+        (worker,) = pod["containers"]
+        gpus = worker["resources"]["limits"].get("nvidia.com/gpu", 0)
+        if not gpus:
+            continue
+        (check,) = [c for c in pod.get("initContainers", []) if "cluster.gpu_check_node" in c.get("command", [])]
+        assert check["command"] == ["python", "-m", "cluster.gpu_check_node"]
+        assert check["image"] == worker["image"], "the check must test the torch the worker runs"
+        assert check["resources"]["limits"]["nvidia.com/gpu"] == gpus, "it must see every GPU of the pod"
+        assert check["workingDir"] == "/opt/mathtune"
+        assert "/opt/mathtune/cluster/" in DOCKERFILE.read_text()

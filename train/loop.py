@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from train.collate import IGNORE_INDEX, Collator, collate_seq2seq
 from train.config import TrainConfig
+from train.ddp_hooks import apply_comm_hook
 
 log = logging.getLogger("mathtune.train")
 
@@ -169,6 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         fully_shard(model)
     else:
         model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU) + move to device
+        apply_comm_hook(model, cfg.ddp_comm_hook)  # bf16 gradient all-reduce between nodes (train/ddp_hooks.py)
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),

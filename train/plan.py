@@ -36,7 +36,15 @@ from train.model import TINY_CONFIGS
 
 GIB = 2**30
 CUDA_OVERHEAD = 1.5 * GIB
-GPUS = {"T4 16GB": 16, "A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80}
+# The GPUs of the node types in cluster/ (A100 40GB: p4d.24xlarge, a2-highgpu-8g) and of their documented
+# alternatives: what `fits` answers for. tests/test_cluster_files.py checks each shipped GPU config fits the
+# GPU of every cluster file's node type.
+GPUS = {"A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80}
+# 8-GPU NVLink node types -> (GPU, GPUs per node).
+NODE_TYPES = {
+    "p4d.24xlarge": ("A100 40GB", 8), "p4de.24xlarge": ("A100 80GB", 8), "p5.48xlarge": ("H100 80GB", 8),
+    "a2-highgpu-8g": ("A100 40GB", 8), "a2-ultragpu-8g": ("A100 80GB", 8), "a3-highgpu-8g": ("H100 80GB", 8),
+}
 
 _FLAN = dict(vocab_size=32128, d_kv=64, relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
              tie_word_embeddings=False)
@@ -145,5 +153,6 @@ def format_plan(p: Plan) -> str:
     ]
     lines += [f"  {k:<34} {v / GIB:8.2f} GiB" for k, v in p.parts.items()]
     lines.append(f"  {'total':<34} {p.total / GIB:8.2f} GiB")
-    lines += [f"  fits {name:<12} {'yes' if ok else 'NO'}" for name, ok in p.fits().items()]
+    lines += [f"  fits {name:<12} {'yes' if ok else 'NO ':<3}  "
+              f"({', '.join(n for n, (gpu, _) in NODE_TYPES.items() if gpu == name)})" for name, ok in p.fits().items()]
     return "\n".join(lines)

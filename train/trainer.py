@@ -27,6 +27,7 @@ from cluster.core import (
     open_split,
     write_json_atomic,
 )
+from cluster.storage import require_shared_storage
 from train.config import TrainConfig
 
 log = logging.getLogger("mathtune.train")
@@ -101,6 +102,10 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     max_steps = resolve_max_steps(cfg, train_rows)
 
     init_ray(ray_cfg)
+    # Multi-node: workers must see the data, rank 0's outputs and the checkpoints (cluster/storage.py).
+    require_shared_storage({"train.data": (cfg.data, False), "train.output": (cfg.output, False),
+                            "train.storage_path": (storage, True)}, ray_cfg,
+                           {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}, cfg.num_workers)
     datasets = {"train": ray.data.read_parquet(train_files.files, columns=TRAIN_COLUMNS)}
     if cfg.eval_samples:
         # A fixed, bounded subset, read once on the driver: every validation scores the same rows.
