@@ -12,7 +12,8 @@ log = logging.getLogger("mathtune.eval")
 NORMALIZATION_NOTE = (
     "Answers are compared after normalization: surrounding whitespace and special tokens (`</s>`, `<pad>`) "
     "removed, and numbers compared by value, so numerically equal answers such as `-06`, `-6` and `-6.0` "
-    "count as equal. F1 is the bag-of-characters overlap of the normalized answers (mean per example, "
+    "count as equal; booleans ignore case, lists are compared item by item, and polynomials ignore spacing "
+    "and the order of their terms. F1 is the bag-of-characters overlap of the normalized answers (mean per example, "
     "and micro: from token counts summed over the corpus)."
 )
 TF_NOTE = (
@@ -63,6 +64,56 @@ def plot_accuracy_by_regime(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_accuracy_by_module(metrics: dict[str, Any], path: Path) -> None:
+    """Horizontal bars per module, one per regime side by side (as in Saxton et al. 2019, figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eval.metrics import regime_order
+
+    modules = sorted(metrics["by_module"], reverse=True)  # alphabetical from the top
+    regimes = regime_order(r for m in modules for r in metrics["by_module"][m]["by_regime"])
+    height = 0.8 / len(regimes)
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.25 * len(modules) * len(regimes) + 1.2)))
+    for k, r in enumerate(regimes):
+        em = [100 * metrics["by_module"][m]["by_regime"].get(r, {}).get("exact_match", 0.0) for m in modules]
+        ax.barh([i - 0.4 + (k + 0.5) * height for i in range(len(modules))], em, height=height, label=r)
+    ax.set_yticks(range(len(modules)), modules)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("exact match %")
+    ax.set_title(f"Exact match by module (n={metrics['n']})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def collapse_line(metrics: dict[str, Any]) -> str | None:
+    """The console's (and report's) warning when the model answers (nearly) the same thing every time."""
+    c = metrics.get("collapse") or {}
+    mods = c.get("collapsed_modules") or []
+    if not c.get("collapsed") and not mods:
+        return None
+    top = ", ".join(f"{p['prediction']!r} {100 * p['share']:.1f}%" for p in c["top_predictions"][:3])
+    where = "the model has collapsed" if c.get("collapsed") else f"collapsed on module(s) {', '.join(mods)}"
+    return (f"WARNING: {where}: top predictions {top} of {metrics['n']} rows ({c['distinct_predictions']} "
+            f"distinct predictions for {c['distinct_answers']} distinct gold answers; the most common gold "
+            f"answer is {100 * c['top_answer_share']:.1f}%). Exact match here measures guessing, not solving.")
+
+
+def collapse_section(metrics: dict[str, Any]) -> list[str]:
+    """A warning block for report.md when the model has collapsed onto a few answers, else nothing."""
+    line = collapse_line(metrics)
+    if line is None:
+        return []
+    c = metrics["collapse"]
+    out = [f"> **{line}**", "", "| top prediction | rows | share |", "|---|---|---|"]
+    out += [f"| `{p['prediction']}` | {p['rows']} | {_pct(p['share'])} |" for p in c["top_predictions"]]
+    return [*out, ""]
+
+
 def plot_training_curve(rows: list[dict[str, Any]], path: Path) -> bool:
     """Loss (and validation loss / exact match where logged) against step. False if nothing to plot."""
     import matplotlib
@@ -100,6 +151,7 @@ def plot_training_curve(rows: list[dict[str, Any]], path: Path) -> bool:
 
 def write_report(metrics: dict[str, Any], out: Path, train_dir: Path | None) -> Path:
     plot_accuracy_by_regime(metrics, out / "accuracy_by_regime.png")
+    plot_accuracy_by_module(metrics, out / "accuracy_by_module.png")
     curve = False
     if train_dir and (train_dir / "metrics.jsonl").is_file():
         curve = plot_training_curve(read_train_metrics(train_dir / "metrics.jsonl"), out / "training_curve.png")
@@ -115,6 +167,7 @@ def write_report(metrics: dict[str, Any], out: Path, train_dir: Path | None) -> 
         ),
         f"- rows: {metrics['rows_in']} in, {metrics['rows_scored']} scored",
         "",
+        *collapse_section(metrics),
         "| metric | value |",
         "|---|---|",
         f"| **exact match (generation)** | **{_pct(metrics['exact_match'])}** |",
@@ -137,7 +190,16 @@ def write_report(metrics: dict[str, Any], out: Path, train_dir: Path | None) -> 
             f"| {r} | {m['n']} | {_pct(m['exact_match'])} | {_pct(m['f1'])} | {_pct(m['f1_micro'])} | "
             f"{_pct(m.get('teacher_forced_exact_match'))} |"
         )
-    lines += ["", "![accuracy by regime](accuracy_by_regime.png)", "", "## Error classes", ""]
+    lines += ["", "![accuracy by regime](accuracy_by_regime.png)", "", "## By module and regime", "",
+              "| module | regime | n | exact match | F1 (mean) | top prediction |", "|---|---|---|---|---|---|"]
+    for mod, m in metrics["by_module"].items():
+        top = m.get("top_prediction")
+        top_s = f"`{top['prediction']}` {_pct(top['share'])}" if top else "-"
+        lines.append(f"| **{mod}** | all | {m['n']} | **{_pct(m['exact_match'])}** | {_pct(m['f1'])} | {top_s}"
+                     + (" (collapsed)" if m.get("collapsed") else "") + " |")
+        for r, v in m["by_regime"].items():
+            lines.append(f"| | {r} | {v['n']} | {_pct(v['exact_match'])} | {_pct(v['f1'])} | |")
+    lines += ["", "![accuracy by module](accuracy_by_module.png)", "", "## Error classes", ""]
     classes = list(metrics["error_classes"])
     regimes = list(metrics["error_classes_by_regime"])
     lines.append("| class | all | " + " | ".join(regimes) + " |")
