@@ -56,7 +56,7 @@ class EvalConfig:
     """Intra-op threads per actor on CPU. Default: max(1, int(cpus_per_actor))."""
     collapse_share: float = 0.2
     """Report a collapsed model when one prediction covers at least this share of the rows (of >= 50) and
-    is at least twice as common as the most common gold answer (also checked per module)."""
+    is the gold answer of at least this share fewer (checked overall and per module)."""
 
     def __post_init__(self) -> None:
         if not self.output:

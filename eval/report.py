@@ -79,38 +79,46 @@ def plot_accuracy_by_module(metrics: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.25 * len(modules) * len(regimes) + 1.2)))
     for k, r in enumerate(regimes):
         em = [100 * metrics["by_module"][m]["by_regime"].get(r, {}).get("exact_match", 0.0) for m in modules]
-        ax.barh([i - 0.4 + (k + 0.5) * height for i in range(len(modules))], em, height=height, label=r)
+        ax.barh([i + 0.4 - (k + 0.5) * height for i in range(len(modules))], em, height=height, label=r)
     ax.set_yticks(range(len(modules)), modules)
     ax.set_xlim(0, 100)
     ax.set_xlabel("exact match %")
     ax.set_title(f"Exact match by module (n={metrics['n']})")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
 
 
-def collapse_line(metrics: dict[str, Any]) -> str | None:
-    """The console's (and report's) warning when the model answers (nearly) the same thing every time."""
+def collapse_lines(metrics: dict[str, Any]) -> list[str]:
+    """The console's (and report's) warnings when the model answers (nearly) the same thing every time:
+    overall, and per module when there are several."""
     c = metrics.get("collapse") or {}
+    out = []
+    if c.get("collapsed"):
+        top = ", ".join(f"{p['prediction']!r} {100 * p['share']:.1f}%" for p in c["top_predictions"][:3])
+        out.append(f"WARNING: the model has collapsed: it answers {top} of {metrics['n']} rows "
+                   f"({c['distinct_predictions']} distinct answers given, {c['distinct_answers']} in the gold; the "
+                   f"most common gold answer is {100 * c['top_answer_share']:.1f}%). Exact match here measures "
+                   "guessing, not solving.")
     mods = c.get("collapsed_modules") or []
-    if not c.get("collapsed") and not mods:
-        return None
-    top = ", ".join(f"{p['prediction']!r} {100 * p['share']:.1f}%" for p in c["top_predictions"][:3])
-    where = "the model has collapsed" if c.get("collapsed") else f"collapsed on module(s) {', '.join(mods)}"
-    return (f"WARNING: {where}: top predictions {top} of {metrics['n']} rows ({c['distinct_predictions']} "
-            f"distinct predictions for {c['distinct_answers']} distinct gold answers; the most common gold "
-            f"answer is {100 * c['top_answer_share']:.1f}%). Exact match here measures guessing, not solving.")
+    if mods and len(metrics.get("by_module", {})) > 1:
+        per = ", ".join(
+            f"{m} ({metrics['by_module'][m]['top_prediction']['prediction']!r} for "
+            f"{100 * metrics['by_module'][m]['top_prediction']['share']:.1f}% of its rows)" for m in mods)
+        out.append(f"WARNING: collapsed in module(s) {per}.")
+    return out
 
 
 def collapse_section(metrics: dict[str, Any]) -> list[str]:
     """A warning block for report.md when the model has collapsed onto a few answers, else nothing."""
-    line = collapse_line(metrics)
-    if line is None:
+    lines = collapse_lines(metrics)
+    if not lines:
         return []
-    c = metrics["collapse"]
-    out = [f"> **{line}**", "", "| top prediction | rows | share |", "|---|---|---|"]
-    out += [f"| `{p['prediction']}` | {p['rows']} | {_pct(p['share'])} |" for p in c["top_predictions"]]
+    out = [x for line in lines for x in (f"> **{line}**", ">")][:-1]
+    out += ["", "| top prediction | rows | share | share as gold answer |", "|---|---|---|---|"]
+    out += [f"| `{p['prediction']}` | {p['rows']} | {_pct(p['share'])} | {_pct(p['gold_share'])} |"
+            for p in metrics["collapse"]["top_predictions"]]
     return [*out, ""]
 
 

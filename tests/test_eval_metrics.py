@@ -168,23 +168,37 @@ def test_collapse_is_flagged_with_top_predictions():
     preds = ["-10"] * 114 + ["-1"] * 72 + [str(i) for i in range(14)]
     c = collapse([normalize_answer(p) for p in preds], [normalize_answer(r) for r in refs])
     assert c["collapsed"]
-    assert c["top_predictions"][:2] == [{"prediction": "-10", "rows": 114, "share": 0.57},
-                                        {"prediction": "-1", "rows": 72, "share": 0.36}]
+    assert c["top_predictions"][:2] == [{"prediction": "-10", "rows": 114, "share": 0.57, "gold_share": 0.025},
+                                        {"prediction": "-1", "rows": 72, "share": 0.36, "gold_share": 0.025}]
     assert c["top_answer_share"] == 0.025 and c["distinct_answers"] == 40
     m = aggregate(_cols(preds, refs, ["interpolate"] * 200, ["algebra__linear_1d"] * 200))
     assert m["collapse"]["collapsed"] and m["collapse"]["collapsed_modules"] == ["algebra__linear_1d"]
     assert m["by_module"]["algebra__linear_1d"]["top_prediction"]["prediction"] == "-10"
 
 
-def test_collapse_not_flagged_for_a_skewed_gold_or_a_small_or_varied_set():
-    # A boolean module whose gold is mostly False may rightly say False often.
-    refs = ["False"] * 70 + ["True"] * 30
-    assert not collapse(refs[:], refs)["collapsed"]
-    assert collapse(["False"] * 100, refs)["collapsed"] is False  # 100% < 2 x 70%
+def test_collapse_on_a_skewed_gold_small_or_varied_sets():
+    refs = ["False"] * 60 + ["True"] * 40
+    assert not collapse(refs[:], refs)["collapsed"]  # says False as often as the gold does
+    assert not collapse(["False"] * 75 + ["True"] * 25, refs)["collapsed"]  # a little more often: fine
+    assert collapse(["False"] * 100, refs)["collapsed"]  # always False: 100% vs 60% gold
     assert not collapse(["1"] * 49, [str(i) for i in range(49)])["collapsed"]  # too few rows to judge
     varied = [str(i % 30) for i in range(300)]
     assert not collapse(varied, varied)["collapsed"]
-    assert collapse(["1"] * 100, [str(i) for i in range(100)], share=1.0)["collapsed"]  # configurable
+    assert collapse(["1"] * 30 + varied[:70], varied[:100])["collapsed"]  # 30% (+ its gold share) vs ~3%
+    assert not collapse(["1"] * 30 + varied[:70], varied[:100], share=0.4)["collapsed"]  # configurable
+
+
+def test_collapse_warnings_in_console_lines():
+    from eval.report import collapse_lines
+
+    refs = [str(i % 40 - 20) for i in range(200)] + ["True", "False"] * 50
+    preds = ["-10"] * 200 + ["True", "False"] * 50
+    mods = ["algebra__linear_1d"] * 200 + ["numbers__is_prime"] * 100
+    m = aggregate(_cols(preds, refs, ["interpolate"] * 300, mods))
+    lines = collapse_lines(m)
+    assert lines[0].startswith("WARNING: the model has collapsed: it answers '-10' 66.7%")
+    assert lines[1] == "WARNING: collapsed in module(s) algebra__linear_1d ('-10' for 100.0% of its rows)."
+    assert collapse_lines(aggregate(_cols(refs, refs, ["interpolate"] * 300, mods))) == []
 
 
 def test_parse_number_is_exact():
