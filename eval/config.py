@@ -20,7 +20,7 @@ class EvalConfig:
     """Which split of the pipeline output to evaluate (train, validation, test)."""
     predictions: str | None = None
     """Score an existing Parquet file of predictions (columns answer, prediction; optional question,
-    regime) instead of running a model: for models evaluated elsewhere."""
+    regime, module) instead of running a model: for models evaluated elsewhere."""
     tokenizer: str | None = None
     """Tokenizer for decoding: default the model directory's own, else <data>/tokenizer."""
     max_rows: int | None = None
@@ -32,25 +32,31 @@ class EvalConfig:
     chunks, so each generate() call pads to similar lengths (no global shuffle needed). Capped at
     rows/8 (but >= batch_size) so a small split still gives every actor work."""
     max_new_tokens: int | None = None
-    """Generation budget. Default: the longest label in the split plus max_new_tokens_slack, so an answer
-    longer than every gold one is seen as longer instead of being truncated into a match."""
+    """Upper bound on generated tokens. Generation never runs past the longest label in the split plus
+    max_new_tokens_slack (an answer longer than every gold one is wrong either way, and is still seen as
+    longer instead of being truncated into a match); this caps it further when smaller."""
     max_new_tokens_slack: int = 4
-    """Tokens added to the longest label length when max_new_tokens is derived."""
+    """Tokens allowed beyond the longest label of the split."""
     teacher_forced: bool = True
     """Also compute teacher-forced exact match (argmax of the logits given the gold labels): the seed
     project's published metric. One extra decoder pass per batch; the encoder output is shared."""
     num_actors: int | None = None
-    """Predictor actors (each loads the model once). Default: one per GPU when GPUs are present, else 1."""
+    """A fixed number of predictor actors (each loads the model once). Default: an autoscaling pool of 1 to
+    max_actors actors, which grows as nodes join (a cluster scaling up from zero GPUs still spreads the
+    work) and while free CPUs / GPUs allow."""
+    max_actors: int = 8
+    """Largest autoscaling pool (when num_actors is not set); one actor per GPU, so e.g. 8 for one 8-GPU
+    node. Never more actors than blocks of sort_window rows."""
     cpus_per_actor: float = 1.0
-    """Logical CPUs each actor reserves. Keep num_actors * cpus_per_actor below the cluster's CPUs: the
-    Parquet read tasks need a slot too, or nothing progresses (measured on 2 cores, shared/NOTES.md)."""
+    """Logical CPUs each actor reserves (the rows are read by the driver, so actors may take every CPU)."""
     gpus_per_actor: float | None = None
-    """GPUs per actor. Default: 1 when the cluster has GPUs, else 0. On GPU the model runs in bf16."""
+    """GPUs per actor. Default: 1 when the cluster has GPUs when eval starts, else 0; set it to 1 on an
+    autoscaling cluster whose GPU nodes start on demand. On GPU the model runs in bf16."""
     torch_threads: int | None = None
     """Intra-op threads per actor on CPU. Default: max(1, int(cpus_per_actor))."""
-    max_actor_restarts: int = 3
-    """Ray restarts a dead predictor actor this many times and retries its batch (no row lost or
-    duplicated); bounded so a model that always crashes fails the job instead of looping."""
+    collapse_share: float = 0.2
+    """Report a collapsed model when one prediction covers at least this share of the rows (of >= 50) and
+    is the gold answer of at least this share fewer (checked overall and per module)."""
 
     def __post_init__(self) -> None:
         if not self.output:
@@ -62,8 +68,8 @@ class EvalConfig:
                 raise ConfigError("eval: --model MODEL (or --predictions FILE) is required")
             if not self.data:
                 raise ConfigError("eval: --data DIR (a pipeline output) is required with --model")
-        for name in ("batch_size", "sort_window", "max_actor_restarts"):
-            if getattr(self, name) < (0 if name == "max_actor_restarts" else 1):
+        for name in ("batch_size", "sort_window", "max_actors"):
+            if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be positive, got {getattr(self, name)}")
         if self.sort_window < self.batch_size:
             raise ConfigError(
@@ -79,5 +85,7 @@ class EvalConfig:
             raise ConfigError("eval.cpus_per_actor must be > 0 on CPU")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ConfigError("eval.gpus_per_actor must be >= 0")
+        if not 0 < self.collapse_share <= 1:
+            raise ConfigError(f"eval.collapse_share must be in (0, 1], got {self.collapse_share}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError("eval.torch_threads must be >= 1")

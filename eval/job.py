@@ -1,16 +1,19 @@
-"""eval.run: predict with a Ray Data actor pool (or read given predictions), score, aggregate, report.
+"""eval.run: read the split once, predict and score in a Ray Data actor pool, aggregate once, report.
 
-    read_parquet -> map_batches(Predictor, ActorPoolStrategy) -> map_batches(score_batch) -> materialize
-        -> predictions.parquet, block partial sums -> metrics.json, report.md (+ PNGs)
+    driver: read the split (Parquet, once) -> checks -> blocks of `window` rows
+        -> from_arrow -> map_batches(Predictor: generate + score, ActorPoolStrategy) -> scored rows
+    driver: row accounting -> metrics.aggregate -> predictions.parquet, report.md (+ PNGs), metrics.json
 
 Rows in = rows scored is checked on content (the multiset of (question, answer) pairs), not only on
 counts, so a lost batch and a duplicated one cannot cancel out. metrics.json is written last and
-atomically: cluster.run treats its presence as "eval done".
+atomically: cluster.run treats its presence as "eval done". `--predictions FILE` is scored in-process:
+scoring costs microseconds a row, less than starting Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -18,16 +21,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cluster.config import RayConfig, to_dict
-from cluster.core import write_json_atomic
+from cluster.config import RayConfig
+from cluster.core import DataError, check_writable, write_json_atomic
 from eval.config import EvalConfig
+from eval.metrics import aggregate
 from eval.resolve import EvalError
 
 log = logging.getLogger("mathtune.eval")
 
-PREDICTION_FILE_COLUMNS = ("question", "answer", "regime", "prediction", "em", "f1")
+PREDICTION_FILE_COLUMNS = ("question", "answer", "regime", "module", "prediction", "em", "f1")
 # Also kept in predictions.parquet: useful when reading single failures.
-EXTRA_COLUMNS = ("error_class", "tf_em", "gen_tokens", "truncated")
+EXTRA_COLUMNS = ("error_class", "prediction_norm", "answer_norm", "tf_em", "gen_tokens", "truncated")
 
 
 @contextlib.contextmanager
@@ -45,15 +49,7 @@ def _data_context(preserve_order: bool):
 
 
 def _prepare_output(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise EvalError(f"output directory {out} is not writable: {e}") from e
-    return out
+    return Path(check_writable(path, "eval output directory"))
 
 
 def _row_keys(questions, answers) -> Counter:
@@ -75,26 +71,18 @@ def check_rows(expected: Counter, table) -> dict[str, int]:
     return counts
 
 
-def _collect(ds):
-    """A materialized dataset -> one Arrow table, in block order (preserve_order keeps input order)."""
-    import pyarrow as pa
-    import ray
+def _aggregate(table, teacher_forced: bool, collapse_share: float) -> dict[str, Any]:
+    from eval.metrics import SCORE_COLUMNS
 
-    tables = ray.get(ds.to_arrow_refs())
-    return pa.concat_tables(tables, promote_options="default") if tables else None
-
-
-def _aggregate(ds, teacher_forced: bool) -> dict[str, Any]:
-    from eval.aggregate import block_partials, combine
-
-    partials = ds.map_batches(block_partials, batch_size=None, batch_format="numpy").take_all()
-    return combine(partials, teacher_forced)
+    names = [*SCORE_COLUMNS, "regime", "module", "tf_em", "truncated"]
+    cols = {c: table[c].to_pylist() for c in names if c in table.column_names}
+    return aggregate(cols, teacher_forced=teacher_forced, collapse_share=collapse_share)
 
 
 def _finish(cfg: EvalConfig, out: Path, table, metrics: dict[str, Any], train_dir: Path | None) -> dict:
     import pyarrow.parquet as pq
 
-    from eval.report import write_report
+    from eval.report import collapse_lines, write_report
 
     cols = [c for c in (*PREDICTION_FILE_COLUMNS, *EXTRA_COLUMNS) if c in table.column_names]
     tmp = out / "predictions.parquet.tmp"
@@ -112,56 +100,52 @@ def _finish(cfg: EvalConfig, out: Path, table, metrics: dict[str, Any], train_di
         + f" -> {out}",
         flush=True,
     )
+    if len(metrics["by_module"]) > 1:
+        for m, v in metrics["by_module"].items():
+            print(f"[eval]   {m}: exact match {100 * v['exact_match']:.2f}%, F1 {100 * v['f1']:.2f}% "
+                  f"(n={v['n']})", flush=True)
+    for warning in collapse_lines(metrics):
+        print(f"[eval] {warning}", flush=True)
     return metrics
 
 
-def _pool_size(cfg: EvalConfig, ray_cfg: RayConfig) -> tuple[int, float, float, int]:
-    """(actors, cpus per actor, gpus per actor, torch threads), checked against the cluster.
+def _pool(cfg: EvalConfig, ray_cfg: RayConfig, blocks: int) -> tuple[int, int, float, float, int]:
+    """(min actors, max actors, cpus per actor, gpus per actor, torch threads), checked against the cluster.
 
-    An autoscaling cluster may start with no GPU node: with gpus_per_actor set, require_resources waits
-    up to ray.resource_timeout_s for the nodes, then fails clearly instead of waiting forever.
+    num_actors set: a fixed pool of that size. Otherwise an autoscaling pool of 1..max_actors (never more
+    than there are blocks): Ray Data adds actors as nodes join, so a cluster scaling up from zero still
+    spreads the work. Only the minimum must fit now; with gpus_per_actor set, require_resources waits up
+    to ray.resource_timeout_s for a GPU node, then fails clearly instead of waiting forever.
     """
     import ray
 
-    from cluster.connect import ResourceError, require_resources
+    from cluster.connect import require_resources
 
     total = ray.cluster_resources()
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if total.get("GPU", 0) >= 1 else 0.0)
-    actors = cfg.num_actors or (max(1, int(total.get("GPU", 0) // gpus)) if gpus else 1)
+    lo = hi = cfg.num_actors
+    if lo is None:
+        lo, hi = 1, max(1, min(cfg.max_actors, blocks))
     cpus = cfg.cpus_per_actor
     require_resources(
-        f"eval ({actors} actor(s) x {cpus:g} CPU, {gpus:g} GPU)", cpus=actors * cpus, gpus=actors * gpus,
-        per_bundle={"CPU": cpus, "GPU": gpus}, bundles=actors, timeout_s=ray_cfg.resource_timeout_s,
+        f"eval ({lo} actor(s) x {cpus:g} CPU, {gpus:g} GPU)", cpus=lo * cpus, gpus=lo * gpus,
+        per_bundle={"CPU": cpus, "GPU": gpus}, bundles=lo, timeout_s=ray_cfg.resource_timeout_s,
     )
-    total = ray.cluster_resources()
-    # The read tasks need a CPU slot beside the actors, or the pool waits forever for input.
-    if actors * cpus + 1 > total.get("CPU", 0):
-        raise ResourceError(
-            f"eval's {actors} actor(s) x {cpus:g} CPU leave no CPU for the Parquet read tasks "
-            f"(cluster has {total.get('CPU', 0):g} logical CPUs): lower --num-actors / --cpus-per-actor "
-            f"(fractions such as 0.5 are fine) or raise ray.num_cpus"
-        )
     threads = cfg.torch_threads or max(1, int(cpus))
-    return actors, cpus, gpus, threads
-
-
-def _fault_env() -> dict[str, str]:
-    from eval.predict import FAULT_KILL_AT_BATCH, FAULT_MARKER_DIR
-
-    return {k: os.environ[k] for k in (FAULT_KILL_AT_BATCH, FAULT_MARKER_DIR) if k in os.environ}
+    return lo, hi, cpus, gpus, threads
 
 
 def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
-    import pyarrow.dataset as pads
+    import pyarrow as pa
     import ray
 
     from cluster.connect import init_ray
-    from cluster.storage import require_shared_storage
+    from cluster.storage import require_shared_storage  # noqa: I001
     from eval.predict import Predictor
     from eval.resolve import (
         check_model_loads,
         check_tokenizers_agree,
-        inspect_split,
+        load_split,
         resolve_model,
         resolve_tokenizer,
     )
@@ -171,49 +155,39 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     model_info = check_model_loads(model)
     tok_spec = resolve_tokenizer(cfg.tokenizer, model, cfg.data)
     check_tokenizers_agree(tok_spec, cfg.data)
-    split = inspect_split(cfg.data, cfg.split, cfg.max_rows)
+    split = load_split(cfg.data, cfg.split, cfg.max_rows)
     if split.max_token_id >= model_info["vocab_size"]:
-        raise EvalError(
+        raise DataError(
             f"{split.path} holds token id {split.max_token_id} but {model.spec} has a vocabulary of "
             f"{model_info['vocab_size']}: the data was tokenized for another model"
         )
-    max_new_tokens = cfg.max_new_tokens or split.max_label_len + cfg.max_new_tokens_slack
-    # The rows we promise to score, as a multiset, from the files themselves (not through Ray).
-    cols = ["question", "answer"]
-    table = pads.dataset(split.files, format="parquet").to_table(columns=cols)
-    if cfg.max_rows:
-        table = table.slice(0, cfg.max_rows)
-    expected = _row_keys(table["question"].to_pylist(), table["answer"].to_pylist())
+    # Never decode far past the longest gold answer: a longer prediction is wrong either way, and every
+    # extra step costs a decoder pass for the whole batch.
+    bound = split.max_label_len + cfg.max_new_tokens_slack
+    max_new_tokens = min(cfg.max_new_tokens, bound) if cfg.max_new_tokens else bound
+    expected = _row_keys(split.table["question"].to_pylist(), split.table["answer"].to_pylist())
+    # Blocks of `window` rows, at least ~8, so several actors share the work. Derived from the config and
+    # row count only, never from the actor count: the same rows then share a generate() batch whatever
+    # the pool size, and 1 or N actors give identical predictions.
+    window = min(cfg.sort_window, max(cfg.batch_size, -(-split.rows // 8)))
+    blocks = [split.table.slice(i, window) for i in range(0, split.rows, window)]
 
     init_ray(ray_cfg)
-    actors, cpus, gpus, threads = _pool_size(cfg, ray_cfg)
-    # Actors on other nodes read the data and load the model (cluster/storage.py).
+    lo, hi, cpus, gpus, threads = _pool(cfg, ray_cfg, len(blocks))
+    # Actors on other nodes load the model (cluster/storage.py); the rows travel from the driver.
     local_model = cfg.model if os.path.isdir(cfg.model) else ""  # a hub id is downloaded on each node
-    require_shared_storage({"eval.data": (cfg.data, False), "eval.model": (local_model, False)},
-                           ray_cfg, {"CPU": cpus, "GPU": gpus}, actors)
+    require_shared_storage({"eval.model": (local_model, False)}, ray_cfg, {"CPU": cpus, "GPU": gpus}, hi)
     log.info(
-        "eval: %s on %d rows of %s, %d actor(s) x (%g CPU, %g GPU), batch %d, max_new_tokens %d",
-        model.spec, split.rows, split.path, actors, cpus, gpus, cfg.batch_size, max_new_tokens,
+        "eval: %s on %d rows of %s, %s actor(s) x (%g CPU, %g GPU), batch %d, max_new_tokens %d",
+        model.spec, split.rows, split.path, lo if lo == hi else f"{lo}-{hi}", cpus, gpus, cfg.batch_size,
+        max_new_tokens,
     )
-    # At least ~8 blocks, so several actors share the work and reads overlap generation. Derived from
-    # the config and row count only, never from the actor count: the same rows then share a generate()
-    # batch whatever the pool size, and 1 or N actors give identical predictions.
-    window = min(cfg.sort_window, max(cfg.batch_size, -(-split.rows // 8)))
-    read_cols = [*cols, "input_ids", "labels"] + (["regime"] if split.has_regime else [])
     t0 = time.perf_counter()
     with _data_context(preserve_order=True):
-        ds = ray.data.read_parquet(split.files, columns=read_cols)
-        if cfg.max_rows:
-            ds = ds.limit(cfg.max_rows)
-        # A test split is often one file = one block = one actor task: cut it into blocks of `window` rows
-        # so every actor of the pool gets work (a streaming split, no shuffle).
-        ds = ds.repartition(target_num_rows_per_block=window)
-        remote_args: dict[str, Any] = {
-            "max_restarts": cfg.max_actor_restarts,
-            "max_task_retries": cfg.max_actor_restarts,
-        }
-        if _fault_env():
-            remote_args["runtime_env"] = {"env_vars": _fault_env()}
+        # The driver already holds the rows: hand them over instead of reading the files again.
+        ds = ray.data.from_arrow(blocks)
+        # Ray Data restarts a dead actor and retries its batch (its default for actor pools), so a
+        # killed actor loses no row and doubles none.
         ds = ds.map_batches(
             Predictor,
             fn_constructor_kwargs={
@@ -227,16 +201,15 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
             },
             batch_size=window,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
+            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
             num_cpus=cpus,
             num_gpus=gpus,
-            **remote_args,
         )
-        ds = ds.materialize()
+        parts = ray.get(ds.to_arrow_refs())  # blocks in input order (preserve_order)
+        scored = pa.concat_tables(parts, promote_options="default")
         wall = time.perf_counter() - t0
-        scored = _collect(ds)
-        rows = check_rows(expected, scored)
-        metrics = _aggregate(ds, cfg.teacher_forced)
+    rows = check_rows(expected, scored)
+    metrics = _aggregate(scored, cfg.teacher_forced, cfg.collapse_share)
     metrics.update(
         rows,
         model=model.spec,
@@ -245,25 +218,23 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
         data=cfg.data,
         split=cfg.split,
         max_new_tokens=max_new_tokens,
-        num_actors=actors,
+        num_actors=hi,
+        min_actors=lo,
         cpus_per_actor=cpus,
         gpus_per_actor=gpus,
         wall_s=wall,
         examples_per_s=rows["rows_scored"] / wall if wall > 0 else None,
-        config=to_dict(cfg),
+        config=dataclasses.asdict(cfg),
     )
     return _finish(cfg, out, scored, metrics, model.train_dir)
 
 
-def score_predictions(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
+def score_predictions(cfg: EvalConfig) -> dict[str, Any]:
     """`--predictions FILE`: the same scoring and aggregation over predictions made elsewhere."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
 
-    from cluster.connect import init_ray
-    from eval.aggregate import score_batch
+    from eval.predict import score_batch
 
     out = _prepare_output(cfg.output)
     path = Path(cfg.predictions)
@@ -271,7 +242,6 @@ def score_predictions(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
         raise EvalError(f"predictions file not found: {path}")
     try:
         schema = pq.read_schema(path)
-        table = pq.read_table(path, columns=[c for c in ("question", "answer") if c in schema.names])
     except (pa.ArrowInvalid, OSError) as e:
         raise EvalError(f"{path}: not a readable Parquet file: {e}") from e
     missing = [c for c in ("answer", "prediction") if c not in schema.names]
@@ -281,37 +251,30 @@ def score_predictions(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
         t = schema.field(c).type
         if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
             raise EvalError(f"{path}: column {c} must be a string column, got {t}")
-    questions = table["question"].to_pylist() if "question" in schema.names else [""] * table.num_rows
-    expected = _row_keys(questions, table["answer"].to_pylist())
-
-    def fill(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["answer"])
-        batch.setdefault("question", np.full(n, "", dtype=object))
-        batch.setdefault("regime", np.full(n, "all", dtype=object))
-        # Missing predictions (nulls) score as empty answers, never as a crash.
-        batch["prediction"] = np.array(["" if p is None else p for p in batch["prediction"]], dtype=object)
-        batch["answer"] = np.array(["" if a is None else a for a in batch["answer"]], dtype=object)
-        return batch
-
-    init_ray(ray_cfg)
-    keep = [c for c in ("question", "answer", "regime", "prediction") if c in schema.names]
+    keep = [c for c in ("question", "answer", "regime", "module", "prediction") if c in schema.names]
+    try:
+        table = pq.read_table(path, columns=keep)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise EvalError(f"{path}: not a readable Parquet file: {e}") from e
+    n = table.num_rows
     t0 = time.perf_counter()
-    with _data_context(preserve_order=True):
-        ds = ray.data.read_parquet(str(path), columns=keep)
-        ds = ds.map_batches(fill, batch_format="numpy").map_batches(score_batch, batch_format="numpy")
-        ds = ds.materialize()
-        wall = time.perf_counter() - t0
-        scored = _collect(ds)
-        rows = check_rows(expected, scored)
-        metrics = _aggregate(ds, teacher_forced=False)
-    metrics.update(rows, model=None, predictions=str(path), data=None, split=None, wall_s=wall,
-                   config=to_dict(cfg))
+    batch = {c: table[c].to_pylist() for c in keep}
+    batch.setdefault("question", [""] * n)
+    batch.setdefault("regime", ["all"] * n)
+    batch.setdefault("module", ["unknown"] * n)
+    # Missing predictions (nulls) score as empty answers, never as a crash.
+    for c in ("answer", "prediction"):
+        batch[c] = ["" if x is None else x for x in batch[c]]
+    scored = pa.table(score_batch(batch))
+    rows = check_rows(_row_keys(batch["question"], batch["answer"]), scored)
+    metrics = _aggregate(scored, teacher_forced=False, collapse_share=cfg.collapse_share)
+    metrics.update(rows, model=None, predictions=str(path), data=None, split=None,
+                   wall_s=time.perf_counter() - t0, config=dataclasses.asdict(cfg))
     return _finish(cfg, out, scored, metrics, None)
 
 
 def run(cfg: EvalConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     """The stage API (cluster.run calls it with Ray up; it never shuts Ray down)."""
-    ray_cfg = ray_cfg or RayConfig()
     if cfg.predictions:
-        return score_predictions(cfg, ray_cfg)
-    return evaluate_model(cfg, ray_cfg)
+        return score_predictions(cfg)
+    return evaluate_model(cfg, ray_cfg or RayConfig())

@@ -6,7 +6,11 @@ What counts as equal (`normalize_answer`):
   whitespace runs collapse to one space, and the hub copy's `b'...\\n'` wrapping is undone;
 - numbers are compared by value: an integer, a decimal or a fraction `p/q` is parsed exactly and
   written canonically (whole numbers as integers, others as a reduced fraction), so "-06", "-6",
-  "-6.0" and "-12/2" are all "-6". Anything else is compared as text.
+  "-6.0" and "-12/2" are all "-6";
+- booleans ignore case ("true" is "True"); a comma-separated list is compared item by item in order, each
+  item normalized ("-2,0.5" is "-2, 1/2"); a polynomial-like expression ("6*x^2 - 4") is written without
+  spaces inside terms, `^` as `**`, and its top-level terms sorted, so "-4 + 6*x**2" is the same answer.
+  Anything else is compared as text.
 
 What a token is (`f1`): one non-space character of the normalized answer. DeepMind answers are short
 numbers ("-6", "3/4"), so characters are the only sensible unit: a whitespace split would make every
@@ -17,11 +21,13 @@ an exact answer 0.25 when the padded lengths differed). Both empty = 1.0; one em
 
 from __future__ import annotations
 
+import math
 import re
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 SPECIAL_TOKENS = ("</s>", "<pad>", "<s>", "<unk>")
 _SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
@@ -31,6 +37,8 @@ _INT = r"[+-]?\d+"
 _DEC = r"[+-]?(?:\d+\.\d*|\.\d+)"
 _NUMBER_RE = re.compile(rf"^(?:{_DEC}|{_INT})$")
 _FRACTION_RE = re.compile(rf"^({_INT})\s*/\s*({_INT})$")
+_EXPR_RE = re.compile(r"^[A-Za-z0-9_.+\-*/^() ]+$")
+_WORDS_RE = re.compile(r"[A-Za-z0-9_.)]\s+[A-Za-z0-9_.(]")
 
 # Error classes of a wrong answer, in the order they are tested (first match wins).
 ERROR_CLASSES = ("correct", "sign_error", "off_by_small", "wrong_magnitude", "other_numeric", "non_numeric")
@@ -67,24 +75,72 @@ def normalize_answer(s: str | None) -> str:
     m = _HUB_WRAPPED_RE.match(s)
     if m:  # "b'-6\n'" from the hub's Parquet copy
         s = strip_special(m.group(2).replace("\\n", " "))
+    return _canonical(s)
+
+
+def _canonical(s: str) -> str:
     value = parse_number(s)
-    return _canonical_number(value) if value is not None else s
+    if value is not None:
+        return _canonical_number(value)
+    if s.lower() in ("true", "false"):
+        return s.capitalize()
+    items = _split_top_level(s, ",")
+    if len(items) > 1:  # a list ("-2, 1/3"): each item on its own, order kept (sorting answers need it)
+        return ", ".join(_canonical(item.strip()) for item in items)
+    if _is_expression(s):
+        return canonical_expression(s)
+    return s
+
+
+def _split_top_level(s: str, sep: str) -> list[str]:
+    """`s` cut at every `sep` outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        depth += (c == "(") - (c == ")")
+        if c == sep and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    return [*parts, s[start:]]
+
+
+def _is_expression(s: str) -> bool:
+    """A polynomial-like answer: only expression characters, at least one variable, and no two words
+    side by side without an operator (so free text such as "no solution" stays text)."""
+    return bool(_EXPR_RE.match(s)) and any(c.isalpha() for c in s) and not _WORDS_RE.search(s)
+
+
+def canonical_expression(s: str) -> str:
+    """A sum of terms in one spelling: spaces dropped, `^` as `**`, top-level terms sorted, so
+    "-4 + 6*x^2" and "6*x**2 - 4" are the same answer. Terms themselves are compared as written."""
+    s = s.replace(" ", "").replace("^", "**")
+    terms, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        depth += (c == "(") - (c == ")")
+        # A + or - splits terms when it follows an operand (not unary, as in "x**-2" or "(-3)").
+        if c in "+-" and depth == 0 and i > 0 and (s[i - 1].isalnum() or s[i - 1] in ")."):
+            terms.append(s[start:i])
+            start = i
+    terms.append(s[start:])
+    signed = sorted(t if t[0] in "+-" else "+" + t for t in terms)
+    out = signed[0].removeprefix("+")
+    for t in signed[1:]:
+        out += f" {t[0]} {t[1:]}"
+    return out
 
 
 def exact_match(pred: str | None, ref: str | None) -> bool:
     return normalize_answer(pred) == normalize_answer(ref)
 
 
-def answer_tokens(s: str | None) -> list[str]:
-    """F1's tokens: the non-space characters of the normalized answer."""
-    return [c for c in normalize_answer(s) if not c.isspace()]
+def f1_counts_normalized(p: str, r: str) -> tuple[int, int, int]:
+    """(overlapping tokens, prediction tokens, reference tokens) of two normalized answers; summable
+    across rows for micro F1. Tokens: the non-space characters."""
+    pt, rt = [c for c in p if not c.isspace()], [c for c in r if not c.isspace()]
+    return sum((Counter(pt) & Counter(rt)).values()), len(pt), len(rt)
 
 
 def f1_counts(pred: str | None, ref: str | None) -> tuple[int, int, int]:
-    """(overlapping tokens, prediction tokens, reference tokens): summable across rows for micro F1."""
-    p, r = answer_tokens(pred), answer_tokens(ref)
-    common = sum((Counter(p) & Counter(r)).values())
-    return common, len(p), len(r)
+    return f1_counts_normalized(normalize_answer(pred), normalize_answer(ref))
 
 
 def f1_from_counts(common: int, n_pred: int, n_ref: int) -> float:
@@ -98,8 +154,7 @@ def f1_from_counts(common: int, n_pred: int, n_ref: int) -> float:
 
 def f1(pred: str | None, ref: str | None) -> float:
     """Per-example bag-of-characters F1 on normalized answers; an exact match is always 1.0."""
-    # Counts come from normalized answers, so "-6.0" vs "-6" (equal values) scores 1.0 too.
-    return f1_from_counts(*f1_counts(pred, ref))
+    return score(pred, ref).f1
 
 
 def error_class(pred: str | None, ref: str | None) -> str:
@@ -110,16 +165,20 @@ def error_class(pred: str | None, ref: str | None) -> str:
     other_numeric: any other wrong number. non_numeric: the prediction (or reference) is not a number,
     including an empty prediction.
     """
-    if exact_match(pred, ref):
+    return score(pred, ref).error_class
+
+
+def _error_class(p: str, r: str) -> str:
+    if p == r:
         return "correct"
-    p, r = parse_number(normalize_answer(pred)), parse_number(normalize_answer(ref))
-    if p is None or r is None:
+    pv, rv = parse_number(p), parse_number(r)
+    if pv is None or rv is None:
         return "non_numeric"
-    if r != 0 and p == -r:
+    if rv != 0 and pv == -rv:
         return "sign_error"
-    if abs(p - r) <= max(SMALL_ABS, SMALL_REL * abs(r)):
+    if abs(pv - rv) <= max(SMALL_ABS, SMALL_REL * abs(rv)):
         return "off_by_small"
-    if p != 0 and r != 0 and _magnitude(p) != _magnitude(r):
+    if pv != 0 and rv != 0 and _magnitude(pv) != _magnitude(rv):
         return "wrong_magnitude"
     return "other_numeric"
 
@@ -138,7 +197,7 @@ def _magnitude(x: Fraction) -> int:
 
 @dataclass
 class Score:
-    """Everything the per-row metrics contribute to the aggregates (all summable)."""
+    """Everything one row contributes to the aggregates (all summable), and the normalized answers."""
 
     em: bool
     f1: float
@@ -146,38 +205,136 @@ class Score:
     n_pred: int
     n_ref: int
     error_class: str
+    prediction_norm: str
+    answer_norm: str
 
 
 def score(pred: str | None, ref: str | None) -> Score:
-    common, n_pred, n_ref = f1_counts(pred, ref)
-    return Score(
-        em=exact_match(pred, ref),
-        f1=f1(pred, ref),
-        common=common,
-        n_pred=n_pred,
-        n_ref=n_ref,
-        error_class=error_class(pred, ref),
-    )
+    """Score one row; each answer is normalized once and everything is derived from that."""
+    p, r = normalize_answer(pred), normalize_answer(ref)
+    common, n_pred, n_ref = f1_counts_normalized(p, r)
+    em = p == r
+    return Score(em=em, f1=1.0 if em else f1_from_counts(common, n_pred, n_ref), common=common,
+                 n_pred=n_pred, n_ref=n_ref, error_class=_error_class(p, r), prediction_norm=p, answer_norm=r)
 
 
-def micro_f1(common: int, n_pred: int, n_ref: int) -> float:
-    """Corpus-level F1 from token counts summed over all rows (the seed wanted it beside the mean)."""
-    return f1_from_counts(common, n_pred, n_ref)
+SCORE_COLUMNS = ("em", "f1", "error_class", "f1_common", "f1_n_pred", "f1_n_ref", "prediction_norm",
+                 "answer_norm")
 
 
-def aggregate(preds: Iterable[str | None], refs: Iterable[str | None]) -> dict[str, float | int]:
-    """Exact match, mean per-example F1 and micro F1 over a corpus, in one process (no Ray)."""
-    n = em = common = n_pred = n_ref = 0
-    f1_sum = 0.0
-    for p, r in zip(preds, refs, strict=True):
-        s = score(p, r)
-        n += 1
-        em += s.em
-        f1_sum += s.f1
-        common, n_pred, n_ref = common + s.common, n_pred + s.n_pred, n_ref + s.n_ref
+def score_columns(preds: Iterable[str | None], refs: Iterable[str | None]) -> dict[str, list]:
+    """Score rows -> one list per SCORE_COLUMNS name (what `aggregate` reads)."""
+    scores = [score(p, r) for p, r in zip(preds, refs, strict=True)]
+    return {
+        "em": [s.em for s in scores],
+        "f1": [s.f1 for s in scores],
+        "error_class": [s.error_class for s in scores],
+        "f1_common": [s.common for s in scores],
+        "f1_n_pred": [s.n_pred for s in scores],
+        "f1_n_ref": [s.n_ref for s in scores],
+        "prediction_norm": [s.prediction_norm for s in scores],
+        "answer_norm": [s.answer_norm for s in scores],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aggregation: one pure function from scored rows to every number in metrics.json.
+
+REGIME_ORDER = ("train-easy", "train-medium", "train-hard", "interpolate", "extrapolate")
+COLLAPSE_SHARE = 0.2  # one prediction on >= 20% of the rows, >= 20 points more often than it is the gold
+COLLAPSE_MIN_ROWS = 50  # fewer rows say too little to call it
+TOP_PREDICTIONS = 5
+
+
+def regime_order(regimes: Iterable[str]) -> list[str]:
+    """DeepMind's order (easy, medium, hard, interpolate, extrapolate), then any other alphabetically."""
+    return sorted(set(regimes), key=lambda r: (REGIME_ORDER.index(r) if r in REGIME_ORDER else len(REGIME_ORDER), r))
+
+
+def collapse(preds: Sequence[str], answers: Sequence[str], share: float = COLLAPSE_SHARE) -> dict[str, Any]:
+    """Has the model collapsed onto a few answers? `preds` and `answers` are normalized.
+
+    Collapsed: at least COLLAPSE_MIN_ROWS rows, and one of the top predictions covers >= `share` of them
+    while being the gold answer of at least `share` fewer (the demo's "-10": 57% predicted, ~2% gold; a
+    boolean module answered "False" every time: 100% predicted, ~55% gold). A model that says "False" as
+    often as the gold does is not flagged.
+    """
+    n = len(preds)
+    # Ties broken by the answer text, so the result does not depend on the order rows came in.
+    top = sorted(Counter(preds).items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_PREDICTIONS]
+    gold = Counter(answers)
+    rows = [{"prediction": p, "rows": c, "share": c / n, "gold_share": gold.get(p, 0) / n} for p, c in top]
+    return {
+        "collapsed": n >= COLLAPSE_MIN_ROWS and any(
+            r["share"] >= share and r["share"] - r["gold_share"] >= share for r in rows),
+        "top_predictions": rows,
+        "top_answer_share": max(gold.values()) / n if n else 0.0,
+        "distinct_predictions": len(set(preds)),
+        "distinct_answers": len(gold),
+        "share_threshold": share,
+    }
+
+
+def _summary(idx: list[int], cols: Mapping[str, Sequence], teacher_forced: bool) -> dict[str, Any]:
+    n = len(idx)
+    if not n:
+        return {"n": 0, "exact_match": 0.0, "f1": 0.0, "f1_micro": 0.0, "truncated": 0,
+                "teacher_forced_exact_match": 0.0 if teacher_forced else None}
+    counts = [sum(int(cols[k][i]) for i in idx) for k in ("f1_common", "f1_n_pred", "f1_n_ref")]
     return {
         "n": n,
-        "exact_match": em / n if n else 0.0,
-        "f1_mean": f1_sum / n if n else 0.0,
-        "f1_micro": micro_f1(common, n_pred, n_ref) if n else 0.0,
+        "exact_match": sum(bool(cols["em"][i]) for i in idx) / n,
+        # fsum: exact, so the result does not depend on the order rows came back in
+        "f1": math.fsum(float(cols["f1"][i]) for i in idx) / n,
+        "f1_micro": f1_from_counts(*counts),
+        "truncated": sum(bool(cols["truncated"][i]) for i in idx) if "truncated" in cols else 0,
+        "teacher_forced_exact_match": sum(bool(cols["tf_em"][i]) for i in idx) / n if teacher_forced else None,
+    }
+
+
+def aggregate(cols: Mapping[str, Sequence], teacher_forced: bool = False,
+              collapse_share: float = COLLAPSE_SHARE) -> dict[str, Any]:
+    """Scored rows (SCORE_COLUMNS, optional regime, module, tf_em, truncated) -> overall metrics, by
+    regime, by module x regime, error classes (overall and by regime) and the collapse check.
+
+    The only aggregation eval has: `python -m eval`, `--predictions` and the evaluate module all use it.
+    """
+    n = len(cols["em"])
+    regimes = [str(x) for x in cols["regime"]] if "regime" in cols else ["unknown"] * n
+    modules = [str(x) for x in cols["module"]] if "module" in cols else ["unknown"] * n
+    by_regime_idx: dict[str, list[int]] = defaultdict(list)
+    by_module_idx: dict[str, list[int]] = defaultdict(list)
+    for i in range(n):
+        by_regime_idx[regimes[i]].append(i)
+        by_module_idx[modules[i]].append(i)
+    errors = dict.fromkeys(ERROR_CLASSES, 0)
+    errors_by_regime: dict[str, dict[str, int]] = {r: dict.fromkeys(ERROR_CLASSES, 0) for r in by_regime_idx}
+    for i in range(n):
+        c = str(cols["error_class"][i])
+        errors[c] = errors.get(c, 0) + 1
+        errors_by_regime[regimes[i]][c] = errors_by_regime[regimes[i]].get(c, 0) + 1
+    preds, answers = list(cols["prediction_norm"]), list(cols["answer_norm"])
+
+    by_module = {}
+    for m in sorted(by_module_idx):
+        idx = by_module_idx[m]
+        per_regime: dict[str, list[int]] = defaultdict(list)
+        for i in idx:
+            per_regime[regimes[i]].append(i)
+        col = collapse([preds[i] for i in idx], [answers[i] for i in idx], collapse_share)
+        by_module[m] = {
+            **_summary(idx, cols, teacher_forced),
+            "by_regime": {r: _summary(per_regime[r], cols, teacher_forced) for r in regime_order(per_regime)},
+            "collapsed": col["collapsed"],
+            "top_prediction": col["top_predictions"][0] if col["top_predictions"] else None,
+        }
+    overall = collapse(preds, answers, collapse_share)
+    overall["collapsed_modules"] = [m for m, v in by_module.items() if v["collapsed"]]
+    return {
+        **_summary(list(range(n)), cols, teacher_forced),
+        "by_regime": {r: _summary(by_regime_idx[r], cols, teacher_forced) for r in regime_order(by_regime_idx)},
+        "by_module": by_module,
+        "error_classes": errors,
+        "error_classes_by_regime": {r: errors_by_regime[r] for r in regime_order(errors_by_regime)},
+        "collapse": overall,
     }

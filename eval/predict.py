@@ -1,26 +1,22 @@
-"""Batch generation: a callable class for Ray Data `map_batches` (model loaded once per actor).
+"""Batch generation: a callable class for Ray Data `map_batches` (model loaded once per actor), also used
+in-process by `python -m eval --ask`.
 
 Each call gets a window of rows, sorts them by question length, and runs greedy generate() on
 batch_size-row chunks, so every chunk pads to similar lengths without a global sort (a shuffle) of the
 dataset. Results are put back in the window's order, so the output is independent of the chunking.
 The encoder runs once per chunk and its output feeds both generate() and the teacher-forced pass.
+Rows are scored here too (eval.metrics.score_columns), so the driver only adds up.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from eval.aggregate import score_batch
-
-# Fault injection for the reliability tests (issue 6): SIGKILL this actor on its Nth batch, once per
-# marker directory. Read from the environment so no config field or CLI flag exists for it.
-FAULT_KILL_AT_BATCH = "MATHTUNE_FAULT_EVAL_KILL_AT_BATCH"
-FAULT_MARKER_DIR = "MATHTUNE_FAULT_DIR"
+from cluster.core import IGNORE_INDEX, pad_2d
+from eval.metrics import score_columns
 
 
 def length_sorted_chunks(lengths: list[int], size: int) -> list[np.ndarray]:
@@ -29,15 +25,13 @@ def length_sorted_chunks(lengths: list[int], size: int) -> list[np.ndarray]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def pad(seqs: list[np.ndarray], value: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad to the longest sequence: (ids, mask)."""
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), value, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return ids, mask
+def score_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Add eval.metrics.SCORE_COLUMNS to a batch with `prediction` and `answer`."""
+    scored = score_columns(batch["prediction"], batch["answer"])
+    out = dict(batch)
+    for k, v in scored.items():
+        out[k] = np.asarray(v, dtype=object if k in ("error_class", "prediction_norm", "answer_norm") else None)
+    return out
 
 
 class Predictor:
@@ -67,28 +61,11 @@ class Predictor:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.teacher_forced = teacher_forced
-        self.calls = 0
 
-    def _maybe_fault(self) -> None:
-        at = os.environ.get(FAULT_KILL_AT_BATCH)
-        if not at or self.calls != int(at):
-            return
-        marker = Path(os.environ[FAULT_MARKER_DIR]) / "eval-actor-killed"
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # first actor to get here wins
-        except FileExistsError:
-            return
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def predict(self, inputs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None = None):
+        """Greedy answers for token-id rows: (texts, generated tokens, truncated, teacher-forced EM or None)."""
         import torch
 
-        self.calls += 1
-        self._maybe_fault()
-        inputs = [np.asarray(x) for x in batch["input_ids"]]
-        labels = [np.asarray(x) for x in batch["labels"]]
         n = len(inputs)
         preds: list[str] = [""] * n
         tf_em = np.zeros(n, dtype=bool)
@@ -96,7 +73,7 @@ class Predictor:
         truncated = np.zeros(n, dtype=bool)
         with torch.inference_mode():
             for idx in length_sorted_chunks([len(x) for x in inputs], self.batch_size):
-                ids, mask = pad([inputs[i] for i in idx], self.pad_id)
+                ids, mask = pad_2d([inputs[i] for i in idx], self.pad_id)
                 ids_t = torch.from_numpy(ids).to(self.device)
                 mask_t = torch.from_numpy(mask).to(self.device)
                 enc = self.model.get_encoder()(input_ids=ids_t, attention_mask=mask_t)
@@ -116,24 +93,24 @@ class Predictor:
                     preds[i] = texts[j]
                     gen_tokens[i] = lengths[j]
                     truncated[i] = not has_eos[j]
-                if self.teacher_forced:
-                    lab, lab_mask = pad([labels[i] for i in idx], self.pad_id)
+                if labels is not None:
+                    lab, lab_mask = pad_2d([labels[i] for i in idx], self.pad_id)
                     lab_t = torch.from_numpy(lab).to(self.device)
-                    lab_t = lab_t.masked_fill(torch.from_numpy(lab_mask == 0).to(self.device), -100)
+                    lab_t = lab_t.masked_fill(torch.from_numpy(lab_mask == 0).to(self.device), IGNORE_INDEX)
                     logits = self.model(encoder_outputs=enc, attention_mask=mask_t, labels=lab_t).logits
                     argmax = logits.argmax(-1).cpu().numpy()
                     # Every gold position (answer tokens and </s>) predicted right given the gold prefix.
                     ok = (argmax == lab) | (lab_mask == 0)
                     tf_em[idx] = ok.all(axis=1)
-        regime = batch["regime"] if "regime" in batch else np.full(n, "unknown", dtype=object)
+        return preds, gen_tokens, truncated, (tf_em if labels is not None else None)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        inputs = [np.asarray(x) for x in batch["input_ids"]]
+        labels = [np.asarray(x) for x in batch["labels"]] if self.teacher_forced else None
+        preds, gen_tokens, truncated, tf_em = self.predict(inputs, labels)
+        out = {k: batch[k] for k in ("question", "answer", "regime", "module")}
+        out.update(prediction=np.asarray(preds, dtype=object), gen_tokens=gen_tokens, truncated=truncated,
+                   tf_em=tf_em if tf_em is not None else np.zeros(len(inputs), dtype=bool))
         # Scored here rather than in a separate map_batches: one operator less, so no extra worker
         # processes (each costs seconds of imports on a small machine) for microseconds of work.
-        return score_batch({
-            "question": batch["question"],
-            "answer": batch["answer"],
-            "regime": regime,
-            "prediction": np.asarray(preds, dtype=object),
-            "tf_em": tf_em,
-            "gen_tokens": gen_tokens,
-            "truncated": truncated,
-        })
+        return score_batch(out)

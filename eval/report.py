@@ -12,7 +12,8 @@ log = logging.getLogger("mathtune.eval")
 NORMALIZATION_NOTE = (
     "Answers are compared after normalization: surrounding whitespace and special tokens (`</s>`, `<pad>`) "
     "removed, and numbers compared by value, so numerically equal answers such as `-06`, `-6` and `-6.0` "
-    "count as equal. F1 is the bag-of-characters overlap of the normalized answers (mean per example, "
+    "count as equal; booleans ignore case, lists are compared item by item, and polynomials ignore spacing "
+    "and the order of their terms. F1 is the bag-of-characters overlap of the normalized answers (mean per example, "
     "and micro: from token counts summed over the corpus)."
 )
 TF_NOTE = (
@@ -63,6 +64,64 @@ def plot_accuracy_by_regime(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_accuracy_by_module(metrics: dict[str, Any], path: Path) -> None:
+    """Horizontal bars per module, one per regime side by side (as in Saxton et al. 2019, figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eval.metrics import regime_order
+
+    modules = sorted(metrics["by_module"], reverse=True)  # alphabetical from the top
+    regimes = regime_order(r for m in modules for r in metrics["by_module"][m]["by_regime"])
+    height = 0.8 / len(regimes)
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.25 * len(modules) * len(regimes) + 1.2)))
+    for k, r in enumerate(regimes):
+        em = [100 * metrics["by_module"][m]["by_regime"].get(r, {}).get("exact_match", 0.0) for m in modules]
+        ax.barh([i + 0.4 - (k + 0.5) * height for i in range(len(modules))], em, height=height, label=r)
+    ax.set_yticks(range(len(modules)), modules)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("exact match %")
+    ax.set_title(f"Exact match by module (n={metrics['n']})")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def collapse_lines(metrics: dict[str, Any]) -> list[str]:
+    """The console's (and report's) warnings when the model answers (nearly) the same thing every time:
+    overall, and per module when there are several."""
+    c = metrics.get("collapse") or {}
+    out = []
+    if c.get("collapsed"):
+        top = ", ".join(f"{p['prediction']!r} {100 * p['share']:.1f}%" for p in c["top_predictions"][:3])
+        out.append(f"WARNING: the model has collapsed: it answers {top} of {metrics['n']} rows "
+                   f"({c['distinct_predictions']} distinct answers given, {c['distinct_answers']} in the gold; the "
+                   f"most common gold answer is {100 * c['top_answer_share']:.1f}%). Exact match here measures "
+                   "guessing, not solving.")
+    mods = c.get("collapsed_modules") or []
+    if mods and len(metrics.get("by_module", {})) > 1:
+        per = ", ".join(
+            f"{m} ({metrics['by_module'][m]['top_prediction']['prediction']!r} for "
+            f"{100 * metrics['by_module'][m]['top_prediction']['share']:.1f}% of its rows)" for m in mods)
+        out.append(f"WARNING: collapsed in module(s) {per}.")
+    return out
+
+
+def collapse_section(metrics: dict[str, Any]) -> list[str]:
+    """A warning block for report.md when the model has collapsed onto a few answers, else nothing."""
+    lines = collapse_lines(metrics)
+    if not lines:
+        return []
+    out = [x for line in lines for x in (f"> **{line}**", ">")][:-1]
+    out += ["", "| top prediction | rows | share | share as gold answer |", "|---|---|---|---|"]
+    out += [f"| `{p['prediction']}` | {p['rows']} | {_pct(p['share'])} | {_pct(p['gold_share'])} |"
+            for p in metrics["collapse"]["top_predictions"]]
+    return [*out, ""]
+
+
 def plot_training_curve(rows: list[dict[str, Any]], path: Path) -> bool:
     """Loss (and validation loss / exact match where logged) against step. False if nothing to plot."""
     import matplotlib
@@ -100,6 +159,7 @@ def plot_training_curve(rows: list[dict[str, Any]], path: Path) -> bool:
 
 def write_report(metrics: dict[str, Any], out: Path, train_dir: Path | None) -> Path:
     plot_accuracy_by_regime(metrics, out / "accuracy_by_regime.png")
+    plot_accuracy_by_module(metrics, out / "accuracy_by_module.png")
     curve = False
     if train_dir and (train_dir / "metrics.jsonl").is_file():
         curve = plot_training_curve(read_train_metrics(train_dir / "metrics.jsonl"), out / "training_curve.png")
@@ -115,6 +175,7 @@ def write_report(metrics: dict[str, Any], out: Path, train_dir: Path | None) -> 
         ),
         f"- rows: {metrics['rows_in']} in, {metrics['rows_scored']} scored",
         "",
+        *collapse_section(metrics),
         "| metric | value |",
         "|---|---|",
         f"| **exact match (generation)** | **{_pct(metrics['exact_match'])}** |",
@@ -137,7 +198,16 @@ def write_report(metrics: dict[str, Any], out: Path, train_dir: Path | None) -> 
             f"| {r} | {m['n']} | {_pct(m['exact_match'])} | {_pct(m['f1'])} | {_pct(m['f1_micro'])} | "
             f"{_pct(m.get('teacher_forced_exact_match'))} |"
         )
-    lines += ["", "![accuracy by regime](accuracy_by_regime.png)", "", "## Error classes", ""]
+    lines += ["", "![accuracy by regime](accuracy_by_regime.png)", "", "## By module and regime", "",
+              "| module | regime | n | exact match | F1 (mean) | top prediction |", "|---|---|---|---|---|---|"]
+    for mod, m in metrics["by_module"].items():
+        top = m.get("top_prediction")
+        top_s = f"`{top['prediction']}` {_pct(top['share'])}" if top else "-"
+        lines.append(f"| **{mod}** | all | {m['n']} | **{_pct(m['exact_match'])}** | {_pct(m['f1'])} | {top_s}"
+                     + (" (collapsed)" if m.get("collapsed") else "") + " |")
+        for r, v in m["by_regime"].items():
+            lines.append(f"| | {r} | {v['n']} | {_pct(v['exact_match'])} | {_pct(v['f1'])} | |")
+    lines += ["", "![accuracy by module](accuracy_by_module.png)", "", "## Error classes", ""]
     classes = list(metrics["error_classes"])
     regimes = list(metrics["error_classes_by_regime"])
     lines.append("| class | all | " + " | ".join(regimes) + " |")

@@ -9,12 +9,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from cluster.core import UserError, check_model_dir, has_tokenizer, load_tokenizer
+from cluster.core import (
+    DataError,
+    UserError,
+    check_data_dir,
+    check_model_dir,
+    has_tokenizer,
+    load_tokenizer,
+    open_split,
+    read_json,
+)
 
 log = logging.getLogger("mathtune.eval")
 
-REQUIRED_COLUMNS = ("question", "answer", "input_ids", "labels")
+REQUIRED_COLUMNS = ("question", "answer", "input_ids", "labels")  # regime and module are optional
 # A probe the model's and the data's tokenizers must encode identically, or input_ids mean different
 # things to the model than to the pipeline that wrote them.
 TOKENIZER_PROBE = "Solve -3*x + 12 = 0 for x. -6 3/4"
@@ -112,58 +122,60 @@ def check_tokenizers_agree(model_tok_spec: str, data: str | None) -> None:
 
 
 @dataclass
-class SplitInfo:
+class Split:
+    """The rows to evaluate, read once in the driver; every check and bound comes from this table."""
+
     path: str
-    files: list[str]
-    rows: int
+    table: Any  # pyarrow.Table: question, answer, regime, module, input_ids, labels
     max_label_len: int
     max_token_id: int
-    has_regime: bool
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
 
 
-def inspect_split(data: str, split: str, max_rows: int | None) -> SplitInfo:
-    """Files, row count (Parquet metadata), longest label and largest token id of a pipeline split."""
+def manifest_module(data: str) -> str:
+    """The module a pipeline output holds when its rows carry no `module` column: the manifest's
+    config.module, or config.modules when that names exactly one; else "unknown"."""
+    cfg = (read_json(Path(data) / "manifest.json") or {}).get("config") or {}
+    one = cfg.get("module")
+    if isinstance(one, str) and one:
+        return one
+    many = cfg.get("modules")
+    if isinstance(many, str) and many and many != "all":
+        return many
+    if isinstance(many, (list, dict)) and len(many) == 1:
+        return str(next(iter(many)))
+    return "unknown"
+
+
+def load_split(data: str, split: str, max_rows: int | None) -> Split:
+    """Read the split's columns once (Parquet, in the driver, no Ray); `regime` and `module` filled in
+    when the files lack them. DataError for a missing, unreadable or empty split."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
-    root = Path(data)
-    if not root.is_dir():
-        raise EvalError(f"data directory not found: {data}")
-    split_dir = root / split
-    files = sorted(str(p) for p in split_dir.glob("*.parquet")) if split_dir.is_dir() else []
-    if not files:
-        have = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise EvalError(f"no Parquet files in {split_dir} (splits found in {data}: {have or 'none'})")
+    ds = open_split(check_data_dir(data), split, REQUIRED_COLUMNS)
+    where = Path(data) / split
+    cols = [*REQUIRED_COLUMNS, *(c for c in ("regime", "module") if c in ds.schema.names)]
     try:
-        ds = pads.dataset(files, format="parquet")
-        schema = ds.schema
+        table = ds.head(max_rows, columns=cols) if max_rows else ds.to_table(columns=cols)
     except (pa.ArrowInvalid, OSError) as e:
-        raise EvalError(f"{split_dir}: unreadable Parquet: {e}") from e
-    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
-    if missing:
-        raise EvalError(
-            f"{split_dir}: missing column(s) {missing}; has {schema.names}. Expected the pipeline's output "
-            f"format ({', '.join(REQUIRED_COLUMNS)}, regime)."
-        )
-    for col in ("input_ids", "labels"):
-        if not pa.types.is_list(schema.field(col).type) and not pa.types.is_large_list(schema.field(col).type):
-            raise EvalError(f"{split_dir}: column {col} must be list<int>, got {schema.field(col).type}")
-    try:
-        table = ds.to_table(columns=["input_ids", "labels"])
-    except (pa.ArrowInvalid, OSError) as e:
-        raise EvalError(f"{split_dir}: unreadable Parquet: {e}") from e
-    if max_rows is not None:
-        table = table.slice(0, max_rows)
+        raise DataError(f"{where}: cannot read its Parquet files ({e}); is a file truncated or corrupt?") from e
     if table.num_rows == 0:
-        raise EvalError(f"{split_dir}: the split has no rows")
-    label_lens = pc.list_value_length(table["labels"])
+        raise DataError(f"{where}: the split has no rows")
+    n = table.num_rows
+    if "regime" not in table.column_names:
+        table = table.append_column("regime", pa.array(["unknown"] * n, pa.string()))
+    if "module" not in table.column_names:
+        table = table.append_column("module", pa.array([manifest_module(data)] * n, pa.string()))
+    for c in ("regime", "module"):  # nulls would group as "None"
+        table = table.set_column(table.column_names.index(c), c, pc.fill_null(table[c].cast(pa.string()), "unknown"))
     max_id = max(pc.max(pc.list_flatten(table[c])).as_py() or 0 for c in ("input_ids", "labels"))
-    return SplitInfo(
-        path=str(split_dir),
-        files=files,
-        rows=table.num_rows,
-        max_label_len=int(pc.max(label_lens).as_py()),
+    return Split(
+        path=str(where),
+        table=table,
+        max_label_len=int(pc.max(pc.list_value_length(table["labels"])).as_py() or 0),
         max_token_id=int(max_id),
-        has_regime="regime" in schema.names,
     )

@@ -1,22 +1,23 @@
-"""eval refuses bad inputs with one clear message, before Ray starts (seconds, no Ray)."""
+"""eval refuses bad inputs with one clear message, before Ray starts; the split is read once; --ask
+answers in-process (seconds, no Ray)."""
 
 from __future__ import annotations
 
 import json
-import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from eval_fixtures import make_data, make_rows, make_tiny_model
+from eval_fixtures import make_data, make_tiny_model
 
 from cluster.config import ConfigError, RayConfig
-from cluster.core import ModelError
-from eval.aggregate import block_partials, combine, score_batch
+from cluster.core import DataError, ModelError, OutputError
 from eval.config import EvalConfig
-from eval.metrics import aggregate
-from eval.resolve import EvalError, check_tokenizers_agree, inspect_split, resolve_model
+from eval.resolve import EvalError, check_tokenizers_agree, load_split, manifest_module, resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +67,37 @@ def test_train_output_dir_resolves_to_final(model_dir):
 
 
 def test_data_errors(tmp_path, model_dir, data_dir):
-    with pytest.raises(EvalError, match=r"no Parquet files in .*validation.*splits found.*test"):
-        inspect_split(str(data_dir), "validation", None)
+    with pytest.raises(DataError, match=r"validation holds no .parquet files .*splits found: \['test', 'tokenizer'\]"):
+        load_split(str(data_dir), "validation", None)
     bad = tmp_path / "bad"
     (bad / "test").mkdir(parents=True)
     pq.write_table(pa.table({"question": ["q"], "answer": ["1"]}), bad / "test" / "p.parquet")
-    with pytest.raises(EvalError, match=r"missing column\(s\) \['input_ids', 'labels'\]"):
-        inspect_split(str(bad), "test", None)
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['input_ids', 'labels'\]"):
+        load_split(str(bad), "test", None)
     (bad / "test" / "p.parquet").write_bytes(b"PAR1 truncated")
-    with pytest.raises(EvalError, match="unreadable Parquet"):
-        inspect_split(str(bad), "test", None)
+    with pytest.raises(DataError, match="cannot read its Parquet files"):
+        load_split(str(bad), "test", None)
+
+
+def test_split_read_once_with_regime_and_module_filled_in(tmp_path, data_dir):
+    split = load_split(str(data_dir), "test", 5)
+    assert split.rows == 5 and split.max_label_len == max(len(x) for x in split.table["labels"].to_pylist())
+    # The fixture's rows have no module column and its manifest names none.
+    assert set(split.table["module"].to_pylist()) == {"unknown"}
+    assert split.table["regime"].to_pylist()[:4] == ["train-easy", "train-medium", "train-hard", "interpolate"]
+    for cfg, want in [({"module": "algebra__linear_1d"}, "algebra__linear_1d"),
+                      ({"modules": ["numbers__is_prime"]}, "numbers__is_prime"),
+                      ({"modules": {"a": 1, "b": 2}}, "unknown"), ({"modules": "all"}, "unknown"), ({}, "unknown")]:
+        d = tmp_path / f"m{len(want)}{len(cfg)}"
+        d.mkdir(exist_ok=True)
+        (d / "manifest.json").write_text(json.dumps({"complete": True, "config": cfg}))
+        assert manifest_module(str(d)) == want, cfg
+    # A module column in the data wins over the manifest.
+    data = tmp_path / "withmod"
+    make_data(data, n_test=4, files=1)
+    t = pq.read_table(data / "test" / "part-00000.parquet")
+    pq.write_table(t.append_column("module", pa.array(["m1", "m2", None, "m1"])), data / "test" / "part-00000.parquet")
+    assert load_split(str(data), "test", None).table["module"].to_pylist() == ["m1", "m2", "unknown", "m1"]
 
 
 def test_token_ids_beyond_the_model_vocabulary(tmp_path, model_dir):
@@ -85,7 +107,7 @@ def test_token_ids_beyond_the_model_vocabulary(tmp_path, model_dir):
         pa.table({"question": ["q"], "answer": ["1"], "input_ids": [[5, 31999, 1]], "labels": [[20, 1]]}),
         data / "test" / "p.parquet",
     )
-    with pytest.raises(EvalError, match="token id 31999 .* vocabulary of"):
+    with pytest.raises(DataError, match="token id 31999 .* vocabulary of"):
         _run(model=str(model_dir), data=str(data), output=str(tmp_path / "out"))
 
 
@@ -106,7 +128,7 @@ def test_tokenizer_mismatch(tmp_path, data_dir):
 def test_unwritable_output(tmp_path, model_dir, data_dir):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(EvalError, match="not writable"):
+    with pytest.raises(OutputError, match="not writable"):
         _run(model=str(model_dir), data=str(data_dir), output=str(blocker / "out"))
 
 
@@ -136,46 +158,59 @@ def test_contradictory_config(kw, msg):
         EvalConfig(**kw)
 
 
-def test_cli_errors_exit_codes(tmp_path, capsys):
-    from cluster.config import run_cli
+def test_cli_errors_exit_codes(tmp_path):
     from eval.__main__ import main
 
     with pytest.raises(SystemExit) as e:  # argparse: unknown flag
         main(["--output", str(tmp_path), "--no-such-flag", "1"])
     assert e.value.code == 2
-    with pytest.raises(ConfigError):  # run_cli turns this into exit 2
+    with pytest.raises(ConfigError):  # run_cli turns these into one error line, exit 2
         main(["--output", str(tmp_path), "--model", "m"])
-    with pytest.raises(SystemExit) as e:  # any user error: one line, exit 2 (cluster.config.run_cli)
-        run_cli(lambda: main(["--output", str(tmp_path / "o"), "--model", str(tmp_path / "missing"), "--data", "d"]))
-    assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith("error: model directory not found")
+    with pytest.raises(EvalError, match="model directory not found"):
+        main(["--output", str(tmp_path / "o"), "--model", str(tmp_path / "missing"), "--data", "d"])
+    proc = subprocess.run([sys.executable, "-m", "eval", "--output", str(tmp_path / "o"), "--model",
+                           str(tmp_path / "missing"), "--data", "d"], capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: model directory not found: {tmp_path / 'missing'}")
 
 
-def test_block_partials_combine_equals_single_process_aggregate():
-    """The Ray aggregation path (partials per block, combined) equals metrics.aggregate on one list."""
-    rng = random.Random(1)
-    rows = make_rows(200, seed=3)
-    answers = [r["answer"] for r in rows]
-    preds = [rng.choice([a, "-" + a, str(int(a) + 1), "", a + "0", "x"]) for a in answers]
-    batch = {
-        "answer": np.array(answers, dtype=object),
-        "prediction": np.array(preds, dtype=object),
-        "regime": np.array([r["regime"] for r in rows], dtype=object),
-    }
-    scored = score_batch(batch)
-    cuts = [0, 13, 50, 51, 140, 200]
-    partials = []
-    for a, b in zip(cuts, cuts[1:], strict=False):
-        block = block_partials({k: v[a:b] for k, v in scored.items()})
-        partials += [dict(zip(block, vals, strict=True)) for vals in zip(*block.values(), strict=True)]
-    got = combine(partials, teacher_forced=False)
-    want = aggregate(preds, answers)
-    assert got["n"] == want["n"] == 200
-    for k in ("exact_match", "f1_mean", "f1_micro"):
-        assert got["f1" if k == "f1_mean" else k] == pytest.approx(want[k], abs=1e-12)
-    assert sum(got["error_classes"].values()) == 200
-    assert all(v > 0 for k, v in got["error_classes"].items() if k != "wrong_magnitude" and k != "other_numeric")
-    json.dumps(got)  # metrics.json-serializable (no numpy scalars)
+def test_ask_answers_like_eval(model_dir, data_dir, capsys, monkeypatch):
+    """--ask: the in-process answer equals what eval's Predictor gives on the pipeline's token ids."""
+    import io
+
+    from cluster.core import load_tokenizer
+    from eval.__main__ import main
+    from eval.metrics import normalize_answer
+    from eval.predict import Predictor
+
+    table = pq.read_table(data_dir / "test")
+    questions = table["question"].to_pylist()[:3]
+    pred = Predictor(str(model_dir), str(model_dir), batch_size=8, max_new_tokens=32, teacher_forced=False,
+                     use_gpu=False, torch_threads=1)
+    want = [normalize_answer(t) for t in pred.predict(table["input_ids"].to_pylist()[:3])[0]]
+    tok = load_tokenizer(str(model_dir))
+    from eval.ask import encode_questions
+
+    assert encode_questions(tok, ["  " + questions[0].replace(" ", "   ") + " "]) == table["input_ids"].to_pylist()[:1]
+
+    assert main(["--model", str(model_dir.parent), "--ask", questions[0]]) == 0  # a train output works too
+    assert capsys.readouterr().out == want[0] + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{questions[0]}\n\n{questions[1]}\n{questions[2]}\n"))
+    assert main(["--model", str(model_dir), "--ask", "-", "--batch-size", "2"]) == 0
+    assert capsys.readouterr().out.split("\n") == [want[0], "", want[1], want[2], ""]  # one line per question
+
+
+def test_ask_subprocess_and_errors(model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "eval", "--model", str(model_dir), "--ask", "-"],
+                          input="Solve 3*x = 9 for x.\nSolve 2*y + 4 = 0 for y.\n", capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("\n")
+    assert len(lines) == 3 and lines[2] == "" and all(lines[:2])  # the fixture model always says something
+    proc = subprocess.run([sys.executable, "-m", "eval", "--model", str(tmp_path / "none"), "--ask", "1+1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: model directory not found")
 
 
 def test_predictor_own_greedy_output_is_teacher_forced_exact(model_dir, data_dir):
@@ -187,6 +222,7 @@ def test_predictor_own_greedy_output_is_teacher_forced_exact(model_dir, data_dir
 
     table = pq.read_table(data_dir / "test")
     batch = {k: np.array(table[k].to_pylist(), dtype=object) for k in ("question", "answer", "regime")}
+    batch["module"] = np.array(["m"] * table.num_rows, dtype=object)
     batch["input_ids"] = np.array([np.array(x) for x in table["input_ids"].to_pylist()] + [None], dtype=object)[:-1]
     batch["labels"] = np.array([np.array(x) for x in table["labels"].to_pylist()] + [None], dtype=object)[:-1]
     pred = Predictor(str(model_dir), str(model_dir), batch_size=3, max_new_tokens=12, teacher_forced=True,

@@ -1,14 +1,16 @@
 """eval on a local Ray: actor-count invariance, a killed actor, row accounting, reports, --predictions.
 
 One tiny random T5 (tests/eval_fixtures.py) and 96 rows; sort_window 16 gives 6 batches, so 2 actors
-really split the work and a kill at an actor's 2nd batch happens mid-job. The 1-actor run is shared by
-the tests that compare against it.
+really split the work and a kill after an actor's first finished batch happens mid-job. The 1-actor run
+is shared by the tests that compare against it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,12 +19,12 @@ from eval_fixtures import make_data, make_tiny_model, write_train_metrics
 
 from cluster.config import RayConfig
 from eval.config import EvalConfig
-from eval.predict import FAULT_KILL_AT_BATCH, FAULT_MARKER_DIR
 
 N_ROWS = 96
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Differ between runs by nature (timing, paths, the config that made them).
-VOLATILE = {"wall_s", "examples_per_s", "config", "num_actors", "cpus_per_actor", "model", "tokenizer", "data"}
+VOLATILE = {"wall_s", "examples_per_s", "config", "num_actors", "min_actors", "cpus_per_actor", "model",
+            "tokenizer", "data"}
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +65,8 @@ def test_one_actor_rows_in_equal_rows_out_and_outputs(assets, baseline):
     assert baseline["missing"] == baseline["duplicated"] == 0
     preds = pq.read_table(out / "predictions.parquet")
     assert preds.num_rows == N_ROWS
-    assert {"question", "answer", "regime", "prediction", "em", "f1"} <= set(preds.column_names)
+    assert {"question", "answer", "regime", "module", "prediction", "em", "f1", "prediction_norm"} <= set(
+        preds.column_names)
     # The random model says varied things, and F1 sees the partial overlaps.
     assert len(set(preds["prediction"].to_pylist())) > 3
     assert 0 < baseline["f1"] < 1
@@ -74,9 +77,21 @@ def test_one_actor_rows_in_equal_rows_out_and_outputs(assets, baseline):
     assert set(baseline["by_regime"]) == {"train-easy", "train-medium", "train-hard", "interpolate"}
     assert sum(m["n"] for m in baseline["by_regime"].values()) == N_ROWS
     assert sum(baseline["error_classes"].values()) == N_ROWS
+    # No module column and no module in the manifest: one "unknown" module, broken down by regime.
+    assert list(baseline["by_module"]) == ["unknown"]
+    assert baseline["by_module"]["unknown"]["by_regime"] == baseline["by_regime"]
+    assert set(baseline["collapse"]) >= {"collapsed", "top_predictions", "distinct_predictions"}
+    # Generation is bounded by the longest gold answer (+ slack), not a fixed budget.
+    longest = max(len(x) for x in src_labels(assets))
+    assert baseline["max_new_tokens"] == longest + 4
     assert baseline["teacher_forced_exact_match"] is not None
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["exact_match"] == baseline["exact_match"]
+
+
+def src_labels(assets) -> list:
+    return pq.ParquetDataset(sorted((assets["data"] / "test").glob("*.parquet"))).read(columns=["labels"])[
+        "labels"].to_pylist()
 
 
 def test_report_and_plots_are_valid_pngs(assets, baseline):
@@ -87,7 +102,8 @@ def test_report_and_plots_are_valid_pngs(assets, baseline):
     assert "exact match (generation)" in report and "teacher-forced" in report
     assert "`-06`, `-6`" in report  # the normalization rule is stated
     assert "accuracy_by_regime.png" in report and "training_curve.png" in report
-    for name in ("accuracy_by_regime.png", "training_curve.png"):
+    assert "## By module and regime" in report and "| **unknown** | all | 96 |" in report
+    for name in ("accuracy_by_regime.png", "accuracy_by_module.png", "training_curve.png"):
         raw = (out / name).read_bytes()
         assert raw[:8] == PNG_SIGNATURE, name
         with Image.open(out / name) as im:
@@ -106,14 +122,39 @@ def test_two_actors_give_identical_metrics_and_predictions(assets, baseline):
     assert a.equals(b)
 
 
-def test_killed_actor_mid_job_gives_identical_metrics(assets, baseline, tmp_path, monkeypatch):
+def test_killed_actor_mid_job_gives_identical_metrics(assets, baseline):
+    """SIGKILL the predictor actor from outside (by its pid, as a preempted node would) once it has
+    finished a batch and before the job is done: Ray restarts it, retries its batches, and nothing
+    differs from the fault-free run."""
+    import ray
+    from ray.data import DataContext
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+
     import eval
 
-    monkeypatch.setenv(FAULT_KILL_AT_BATCH, "2")
-    monkeypatch.setenv(FAULT_MARKER_DIR, str(tmp_path))
-    faulty = eval.run(_cfg(assets, "killed-actor"), RayConfig())
-    marker = tmp_path / "eval-actor-killed"
-    assert marker.is_file(), "the fault was never injected: the test proves nothing"
+    killed: dict = {}
+
+    class KillAfterFirstBatch(ExecutionCallback):  # runs in this process, in Ray Data's scheduling loop
+        def on_execution_step(self, executor):
+            if killed:
+                return
+            for op in executor._topology:
+                done = op.metrics.num_tasks_finished
+                if "Predictor" in op.name and done >= 1:
+                    alive = [a for a in ray._private.state.actors().values()
+                             if "Predictor" in a["ActorClassName"] and a["State"] == "ALIVE"]
+                    os.kill(alive[0]["Pid"], signal.SIGKILL)
+                    killed.update(actor=alive[0]["ActorID"], batches_done=done)
+
+    ctx = DataContext.get_current()
+    ctx.custom_execution_callback_classes.append(KillAfterFirstBatch)
+    try:
+        faulty = eval.run(_cfg(assets, "killed-actor"), RayConfig())
+    finally:
+        ctx.custom_execution_callback_classes.remove(KillAfterFirstBatch)
+    assert killed, "the actor was never killed: the test proves nothing"
+    assert 1 <= killed["batches_done"] < N_ROWS // 16, killed  # mid-job: some batches done, some not
+    assert ray._private.state.actors()[killed["actor"]]["NumRestarts"] >= 1  # Ray did restart it
     assert faulty["rows_in"] == faulty["rows_scored"] == N_ROWS
     assert faulty["missing"] == faulty["duplicated"] == 0
     assert _stable(faulty) == _stable(baseline)
@@ -122,7 +163,15 @@ def test_killed_actor_mid_job_gives_identical_metrics(assets, baseline, tmp_path
     assert a.equals(b)
 
 
-def test_score_predictions_file(tmp_path, ray_local):
+def test_autoscaling_pool_gives_identical_metrics(assets, baseline):
+    import eval
+
+    auto = eval.run(_cfg(assets, "autoscaling", num_actors=None, max_actors=2, cpus_per_actor=0.5), RayConfig())
+    assert (auto["min_actors"], auto["num_actors"]) == (1, 2)
+    assert _stable(auto) == _stable(baseline)
+
+
+def test_score_predictions_file(tmp_path):
     import eval
 
     rows = {
@@ -130,6 +179,7 @@ def test_score_predictions_file(tmp_path, ray_local):
         "answer": ["-6", "12", "3", "7", "5"],
         "regime": ["interpolate", "interpolate", "train-easy", "train-easy", "train-easy"],
         "prediction": [" -06 </s>", "21", "-3", "", None],
+        "module": ["a", "a", "b", "b", "b"],
     }
     path = tmp_path / "preds.parquet"
     pq.write_table(pa.table(rows), path)
@@ -143,6 +193,8 @@ def test_score_predictions_file(tmp_path, ray_local):
     assert m["f1_micro"] == pytest.approx(2 * p * r / (p + r))
     assert m["error_classes"]["sign_error"] == 1 and m["error_classes"]["non_numeric"] == 2
     assert m["by_regime"]["interpolate"]["exact_match"] == 0.5
+    assert m["by_module"]["a"]["exact_match"] == 0.5 and m["by_module"]["b"]["n"] == 3
+    assert m["collapse"]["collapsed"] is False  # 5 rows: too few to call it
     assert m["teacher_forced_exact_match"] is None
     out = pq.read_table(tmp_path / "out" / "predictions.parquet")
     assert out["em"].to_pylist() == [True, False, False, False, False]
@@ -152,7 +204,9 @@ def test_score_predictions_file(tmp_path, ray_local):
 
 @pytest.mark.parametrize(
     "kw, msg",
-    [({"num_actors": 8}, "needs 8 CPUs"), ({"gpus_per_actor": 1.0}, "GPUs"), ({"num_actors": 4}, "no CPU for")],
+    # the last: an autoscaling pool whose smallest size (one actor) cannot fit
+    [({"num_actors": 8}, "needs 8 CPUs"), ({"gpus_per_actor": 1.0}, "GPUs"),
+     ({"num_actors": None, "cpus_per_actor": 5.0}, "needs 5 CPUs")],
 )
 def test_more_than_the_cluster_can_provide_fails_fast(assets, ray_local, kw, msg):
     import time

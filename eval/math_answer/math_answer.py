@@ -12,7 +12,7 @@ them to evaluate's Metric interface, so `python -m eval` and this module can nev
 import datasets
 import evaluate
 
-from eval.metrics import aggregate
+from eval.metrics import aggregate, score_columns
 
 _DESCRIPTION = (
     "Exact match and F1 for DeepMind Mathematics answers. Answers are normalized (whitespace, special "
@@ -41,5 +41,5 @@ class MathAnswer(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        m = aggregate(predictions, references)
-        return {"exact_match": m["exact_match"], "f1": m["f1_mean"], "f1_micro": m["f1_micro"], "n": m["n"]}
+        m = aggregate(score_columns(predictions, references))
+        return {"exact_match": m["exact_match"], "f1": m["f1"], "f1_micro": m["f1_micro"], "n": m["n"]}
