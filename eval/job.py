@@ -140,7 +140,7 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     import ray
 
     from cluster.connect import init_ray
-    from cluster.storage import require_shared_storage  # noqa: I001
+    from cluster.storage import require_shared_storage
     from eval.predict import Predictor
     from eval.resolve import (
         check_model_loads,
