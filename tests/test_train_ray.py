@@ -107,7 +107,7 @@ def test_two_worker_run(fault_free):
 
 
 @pytest.mark.slow
-def test_early_stopping_stops_at_the_right_validation(ray_local, data, tmp_path):
+def test_early_stopping_stops_at_the_right_validation(ray_local, data, tmp_path, monkeypatch):
     """No validation can beat the first by 0.5 exact match: with patience 2 the run stops at the third
     validation (step 6 of 16), and final/ is the best validation's checkpoint (every new best is kept).
     Tracked to an MLflow file store on the way."""
@@ -131,6 +131,7 @@ def test_early_stopping_stops_at_the_right_validation(ray_local, data, tmp_path)
     best = load_file(str(Path(summary["best_checkpoint"]) / "model.safetensors"))
     final = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert all(torch.equal(best[k], final[k]) for k in best)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: reading a file store is opt-in too
     client = MlflowClient(tracking_uri=mlflow_uri(None, tmp_path))
     mrun = client.get_run((tmp_path / "mlflow_run_id").read_text().strip())
     assert mrun.data.params["early_stopping_patience"] == "2" and mrun.data.params["world_size"] == "2"
@@ -206,6 +207,26 @@ def test_storage_with_another_models_checkpoints_is_refused(data, tmp_path):
     write_checkpoint(tmp_path / "ray" / "train" / "step_0000004", other, other.state_dict(), tok, {"step": 4})
     with pytest.raises(ModelError, match="written by another model"):
         run(small_cfg(data, tmp_path))
+
+
+def test_resume_with_another_worker_count_or_seed_is_refused_before_ray(data, tmp_path):
+    """The saved data position means other rows under another seed or worker count: refused from the
+    checkpoint's manifest, before any worker starts."""
+    from cluster.core import CheckpointError, load_tokenizer
+    from train.checkpoint import write_checkpoint
+    from train.loop import data_order
+    from train.model import build_model
+
+    tok = load_tokenizer("char")
+    m = build_model("t5-tiny", len(tok))
+    cfg = small_cfg(data, tmp_path)
+    order = data_order(dataclasses.replace(cfg, num_workers=4), 4, in_memory=True)
+    write_checkpoint(tmp_path / "ray" / "train" / "step_0000004", m, m.state_dict(), tok,
+                     {"step": 4, "data_order": order})
+    with pytest.raises(CheckpointError, match=r"world_size=4 \(this run: 2\)"):
+        run(cfg)
+    with pytest.raises(CheckpointError, match=r"seed=0 \(this run: 5\)"):
+        run(small_cfg(data, tmp_path, seed=5, num_workers=4))
 
 
 def test_bad_data_dirs(data, tmp_path):

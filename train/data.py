@@ -208,15 +208,16 @@ def validation_subset(files_ds, n: int, world: int, seed: int) -> dict[str, list
     its forwards in lockstep). Read on the driver with pyarrow: no Ray Data job."""
     names = set(files_ds.schema.names)
     strata = [c for c in STRATA_COLUMNS if c in names]
-    table = files_ds.to_table(columns=[*VAL_COLUMNS, *strata])
-    if strata:
-        groups = ["\x1f".join(str(table[c][i].as_py()) for c in strata) for i in range(table.num_rows)]
+    rows = files_ds.count_rows()
+    if strata:  # only the strata columns are read in full; the token columns only for the rows taken
+        labels = files_ds.to_table(columns=strata)
+        groups = ["\x1f".join(map(str, vals)) for vals in zip(*(labels[c].to_pylist() for c in strata), strict=True)]
     else:
-        groups = [""] * table.num_rows
+        groups = [""] * rows
     idx = stratified_take(groups, n, seed)
     idx = idx[: len(idx) - len(idx) % world]
     if len(idx) == 0:
-        raise DataError(f"the validation split has {table.num_rows} rows: fewer than one per worker ({world})")
-    sub = table.take(idx)
+        raise DataError(f"the validation split has {rows} rows: fewer than one per worker ({world})")
+    sub = files_ds.take(idx, columns=[*VAL_COLUMNS, *strata])
     return {"input_ids": sub["input_ids"].to_pylist(), "labels": sub["labels"].to_pylist(),
             "answer": sub["answer"].to_pylist(), **{c: sub[c].to_pylist() for c in strata}}

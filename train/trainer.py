@@ -83,6 +83,8 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
 
     t_start = time.time()
     ray_cfg = ray_cfg or RayConfig()
+    if not cfg.data:
+        raise ConfigError("train.data is required: the pipeline output folder (--data DIR)")
     check_data_dir(cfg.data)
     tokenizer = load_tokenizer(cfg.resolved_tokenizer())
     # Absolute paths: workers run in other working directories.
