@@ -219,3 +219,19 @@ def test_mlflow_tracker_never_blocks_on_an_unreachable_server(tmp_path):
         t.log_metrics({"loss": 1.0}, step)
     assert time.perf_counter() - t0 < 0.5  # queued or dropped, never waited on
     t.close(timeout_s=1.0)
+
+
+def test_early_stopping_counts_validations_without_a_clear_improvement():
+    from train.loop import RunState, early_stopping_update
+
+    cfg = TrainConfig(data="d", early_stopping_patience=2, early_stopping_min_delta=0.01)
+    state, seen = RunState(), []
+    for score in (0.10, 0.20, 0.205, 0.15, 0.30, 0.30, 0.29):
+        state.last_val = {"score": score}
+        seen.append(early_stopping_update(state, cfg))
+    # 0.205 is a new best (kept) but not a clear gain; 0.15 then makes two without one: stop
+    assert seen[:4] == [(True, False), (True, False), (True, False), (False, True)]
+    assert seen[4:] == [(True, False), (False, False), (False, True)] and state.best_score == 0.30
+    no_patience = TrainConfig(data="d")
+    state = RunState(best_score=0.5, since_best=10, last_val={"score": 0.1})
+    assert early_stopping_update(state, no_patience) == (False, False)

@@ -331,6 +331,31 @@ def validate(model, rows: dict[str, list], tokenizer, cfg: TrainConfig, device: 
     return val
 
 
+def early_stopping_update(state: RunState, cfg: TrainConfig) -> tuple[bool, bool]:
+    """After a validation: (is it a new best, whose checkpoint must then be kept; stop now?). Patience
+    restarts only on a clear improvement: more than early_stopping_min_delta over the best so far."""
+    score = state.last_val["score"]
+    improved = state.best_score is None or score > state.best_score
+    clear = state.best_score is None or score > state.best_score + cfg.early_stopping_min_delta
+    state.best_score = score if improved else state.best_score
+    state.since_best = 0 if clear else state.since_best + 1
+    stop = cfg.early_stopping_patience is not None and state.since_best >= cfg.early_stopping_patience
+    return improved, stop
+
+
+def log_validation(state: RunState, stopped_early: bool, seconds: float, metrics_path: Path, tracker) -> None:
+    val = state.last_val
+    log.info("[train] validation step %d: loss %.4f exact match %.4f (%d rows, %.1fs)",
+             state.step, val["val_loss"], val["val_exact_match"], val["val_samples"], seconds)
+    append_jsonl(metrics_path, {"step": state.step, **val})
+    tracker.log_metrics({"val/loss": val["val_loss"], "val/exact_match": val["val_exact_match"]}, state.step)
+    if stopped_early:
+        log.info("[train] early stopping at step %d: %d validations without improvement", state.step,
+                 state.since_best)
+        append_jsonl(metrics_path, {"event": "early_stop", "step": state.step,
+                                    "validations_without_improvement": state.since_best})
+
+
 def save_checkpoint(model, optimizer, tokenizer, state: RunState, order: dict[str, Any], rank: int,
                     metrics_path: Path, extra_metrics: dict[str, Any]) -> None:
     """Full state on rank 0 into a fresh folder, handed to Ray Train (which uploads, then commits it).
@@ -430,27 +455,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if val_rows and (state.step % cfg.eval_every == 0 or at_end):
             t_eval = time.perf_counter()
             state.last_val = validate(model, val_rows, tokenizer, cfg, device, config["val_max_new_tokens"])
-            score = state.last_val["score"]
-            improved = state.best_score is None or score > state.best_score  # a new best: keep its checkpoint
-            # Patience restarts only on a clear improvement (more than min_delta over the best so far).
-            clear = state.best_score is None or score > state.best_score + cfg.early_stopping_min_delta
-            state.best_score = score if improved else state.best_score
-            state.since_best = 0 if clear else state.since_best + 1
-            # Every rank sees the same all-reduced score, so every rank takes the same decision.
-            stopped_early = cfg.early_stopping_patience is not None and state.since_best >= cfg.early_stopping_patience
+            improved, stopped_early = early_stopping_update(state, cfg)  # the same on every rank (all-reduced)
             if rank == 0:
-                log.info("[train] validation step %d: loss %.4f exact match %.4f (%d rows, %.1fs)",
-                         state.step, state.last_val["val_loss"], state.last_val["val_exact_match"],
-                         state.last_val["val_samples"], time.perf_counter() - t_eval)
-                append_jsonl(metrics_path, {"step": state.step, **state.last_val})
-                tracker.log_metrics({"val/loss": state.last_val["val_loss"],
-                                     "val/exact_match": state.last_val["val_exact_match"]}, state.step)
-                if stopped_early:
-                    log.info("[train] early stopping at step %d: %d validations without improvement",
-                             state.step, state.since_best)
-                    append_jsonl(metrics_path, {"event": "early_stop", "step": state.step,
-                                                "validations_without_improvement": state.since_best})
+                log_validation(state, stopped_early, time.perf_counter() - t_eval, metrics_path, tracker)
             iv.t0 += time.perf_counter() - t_eval  # validation time is not training throughput
+            if stopped_early and iv.micro:  # the steps since the last log line count in the totals
+                log_interval(iv, state, lr, batches.epoch, max_steps, cfg, device, rank, metrics_path, tracker)
+                iv = Interval()
 
         keep_best = improved and cfg.early_stopping_patience is not None  # the best model must be kept
         if state.step % cfg.ckpt_every == 0 or at_end or stopped_early or keep_best:
