@@ -54,9 +54,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 class ShardIterator:
-    """Micro batches from `source`, epoch after epoch. State: (epoch, position = batches of this epoch
-    already handed out); `state_dict()` goes into the checkpoint, and a new iterator built with it
-    continues with exactly the next batch."""
+    """Micro batches from `source`, epoch after epoch. Its state is (epoch, position = batches of this
+    epoch already handed out); saved with a checkpoint, a new iterator built with it continues with
+    exactly the next batch."""
 
     def __init__(self, source, epoch: int = 0, position: int = 0) -> None:
         self.source, self.epoch, self.position = source, epoch, position
@@ -78,9 +78,6 @@ class ShardIterator:
             if self._fresh:
                 raise DataError(f"this worker's train shard yields no full micro batch: {self.source.describe()}")
             self.epoch, self.position, self._it = self.epoch + 1, 0, None
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.position}
 
 
 # ---------------------------------------------------------------------------------------------------
