@@ -4,6 +4,7 @@ loading errors, the memory planner."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -36,11 +37,11 @@ def test_collate_pads_to_multiple_and_masks_labels():
                                    dtype=object),
              "labels": np.array([np.array([20, 1]), np.array([21, 22, 23, 1])], dtype=object)}
     out = collate_seq2seq(batch, pad_id=0, pad_to_multiple_of=8)
-    assert out["input_ids"].shape == (2, 16) and out["labels"].shape == (2, 8)
+    assert out["input_ids"].shape == (2, 16) and out["labels"].shape == (2, 4)  # labels: longest answer only
     assert out["input_ids"][0].tolist() == [5, 6, 1] + [0] * 13
     assert out["attention_mask"][0].tolist() == [1, 1, 1] + [0] * 13
     assert out["attention_mask"][1].sum() == 10
-    assert out["labels"][0].tolist() == [20, 1] + [IGNORE_INDEX] * 6
+    assert out["labels"][0].tolist() == [20, 1] + [IGNORE_INDEX] * 2
     assert out["input_ids"].dtype == torch.int64 and "decoder_input_ids" not in out
 
 
@@ -62,6 +63,8 @@ def test_padding_never_counts_in_the_loss(tok):
     rows = {"input_ids": [tok("Solve 2*x = 4 for x.")["input_ids"]], "labels": [tok("2")["input_ids"]]}
     a = collate_seq2seq(rows, pad_to_multiple_of=1)
     b = collate_seq2seq(rows, pad_to_multiple_of=64)
+    # label padding, as a longer answer elsewhere in the batch adds it
+    b["labels"] = torch.nn.functional.pad(b["labels"], (0, 6), value=IGNORE_INDEX)
     with torch.no_grad():
         assert torch.allclose(model(**a).loss, model(**b).loss, atol=1e-5)
     # the decoder input is the labels shifted right behind decoder_start (pad) with -100 -> pad
@@ -339,3 +342,31 @@ def test_train_data_with_missing_mistyped_or_corrupt_columns_is_refused_before_r
         open_split(str(tmp_path), "train", ["input_ids", "labels"])
     pq.write_table(pa.table({"input_ids": [[5, 1]] * 3, "labels": [[6, 1]] * 3}), tmp_path / "train" / "a.parquet")
     assert open_split(str(tmp_path), "train", ["input_ids", "labels"]).count_rows() == 3
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",  # dynamo capture + AOT autograd of every block, forward and backward: seconds
+    pytest.param("inductor", marks=pytest.mark.skipif(
+        not os.environ.get("MATHTUNE_TEST_INDUCTOR"),
+        reason="inductor's C++ code generation takes ~5 min on 2 cores; MATHTUNE_TEST_INDUCTOR=1 runs it")),
+])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(tok, backend):
+    """train.compile: torch.compile of the T5 blocks computes what eager does (the graphs capture without
+    breaking the model; with inductor, also its CPU kernels)."""
+    from train.loop import compile_blocks
+
+    torch.manual_seed(0)
+    eager = build_model("t5-tiny", len(tok))
+    compiled = build_model("t5-tiny", len(tok))
+    compiled.load_state_dict(eager.state_dict())
+    compile_blocks(compiled, backend=backend)
+    b = collate_seq2seq({"input_ids": [tok("Solve 2*x = 4 for x.")["input_ids"], tok("Solve 3*y = 9 for y.")["input_ids"]],
+                         "labels": [tok("2")["input_ids"], tok("3")["input_ids"]]})
+    losses = []
+    for m in (eager, compiled):
+        loss = m(**b).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    g0, g1 = eager.encoder.block[0].layer[0].SelfAttention.q.weight.grad, compiled.encoder.block[0].layer[0].SelfAttention.q.weight.grad
+    assert torch.allclose(g0, g1, rtol=1e-3, atol=1e-6)

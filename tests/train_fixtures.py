@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 import time
 from pathlib import Path
 
@@ -92,3 +93,22 @@ def wait_for(pred, timeout: float, what: str):
             return got
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
+    """Scalars from TensorBoard event files, parsed with tensorboardX's own protobufs (TFRecord framing:
+    length, crc, payload, crc)."""
+    from tensorboardX.proto.event_pb2 import Event  # no tensorboard package needed to read them back
+
+    out: dict[str, dict[int, float]] = {}
+    for f in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+        data = f.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in ev.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, {})[ev.step] = v.simple_value
+    return out

@@ -5,7 +5,8 @@ Layout of one checkpoint (what `ray.train.report(..., checkpoint=...)` uploads):
     config.json, generation_config.json, model.safetensors   # from_pretrained-loadable as is
     tokenizer.json, tokenizer_config.json, ...                # the tokenizer the data was encoded with
     train_state.pt                                            # optimizer, step, data position, metrics
-    checkpoint.json                                           # manifest: every file above with its size
+    checkpoint.json                                           # manifest: every file above with its size,
+                                                              # and the data order (seed, workers, ...)
 
 Atomicity: rank 0 writes into a fresh temporary directory and writes `checkpoint.json` last; Ray copies
 the directory to storage and only then registers it (a checkpoint interrupted mid-upload is never handed
@@ -48,6 +49,8 @@ def write_checkpoint(
     torch.save(train_state, d / TRAIN_STATE)
     files = {p.name: p.stat().st_size for p in sorted(d.iterdir()) if p.is_file()}
     manifest = {"format": FORMAT_VERSION, "step": train_state["step"], "files": files}
+    if train_state.get("data_order"):  # what the saved data position means; the driver checks it on resume
+        manifest["data_order"] = train_state["data_order"]
     write_json_atomic(d / MANIFEST, manifest)  # the manifest appears whole or not at all
     return d
 

@@ -1,9 +1,11 @@
 """Seq2seq collation (pure): unpadded token lists -> padded tensors.
 
-- Each batch is padded only to its own longest row, rounded up to a multiple of `pad_to_multiple_of`
-  (8: tensor-core tile friendly, and few distinct shapes).
-- Labels are padded with -100, the index CrossEntropyLoss ignores, so padding never counts in the loss
-  (the seed project padded labels with 0 = <pad> and trained on its pads).
+- Inputs are padded to the batch's longest question, rounded up to a multiple of `pad_to_multiple_of`
+  (8: tensor-core tile friendly, and few distinct encoder shapes).
+- Labels are padded only to the batch's longest answer (answers are a few tokens: rounding them up would
+  mostly add decoder positions that compute nothing useful), with -100, the index CrossEntropyLoss
+  ignores, so padding never counts in the loss (the seed project padded labels with 0 = <pad> and trained
+  on its pads).
 - No decoder_input_ids here: T5ForConditionalGeneration builds them from `labels` with its own
   `_shift_right` (decoder_start_token_id, -100 -> pad), so the shift always matches the model.
 """
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from cluster.core import IGNORE_INDEX, pad_2d
 
@@ -25,13 +28,14 @@ def collate_seq2seq(
 ) -> dict[str, torch.Tensor]:
     """{input_ids, labels} lists (as Ray Data hands them: arrays of arrays) -> model-ready tensors."""
     input_ids, attention_mask = pad_2d(batch["input_ids"], pad_id, pad_to_multiple_of)
-    labels, _ = pad_2d(batch["labels"], IGNORE_INDEX, pad_to_multiple_of)
+    labels, _ = pad_2d(batch["labels"], IGNORE_INDEX)
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(labels)}
 
 
-class Collator:
-    """Picklable callable for `iter_torch_batches(collate_fn=...)`."""
+class Collator(NumpyBatchCollateFn):
+    """Ray Data's collate-fn class for `iter_torch_batches(collate_fn=...)` (a plain function is deprecated
+    there); also called directly on the in-memory path."""
 
     def __init__(self, pad_id: int = 0, pad_to_multiple_of: int = 8) -> None:
         self.pad_id = pad_id

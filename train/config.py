@@ -13,8 +13,6 @@ from typing import Literal
 
 from cluster.config import ConfigError
 
-PRECISIONS = ("bf16-mixed", "bf16", "fp32")
-
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -55,19 +53,40 @@ class TrainConfig:
     epochs: float | None = None
     """Passes over the train split (converted to steps from the split's row count)."""
     seed: int = 0
-    """Model init, data order (with the same worker count) and dropout."""
+    """Model init, data order (with the same worker count) and dropout (seed + rank on each worker, set
+    after the model is built, so every rank starts from the same weights but draws its own dropout masks).
+    A resume must use the same seed and worker count (checked)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many validations in a row without a better score (exact match; validation loss
+    breaks ties), and export the best checkpoint as final/. Each improving validation then also writes a
+    checkpoint, so the best model is always kept. None: train to max_steps."""
+    early_stopping_min_delta: float = 0.0
+    """Patience restarts only when a validation's score (exact match, 0..1) beats the best so far by more
+    than this (a smaller gain still makes it the best, and its checkpoint is kept)."""
 
     # --- validation, logging ---
     eval_every: int = 100
     """Validate every N steps (and at the end): loss + exact match by greedy generation."""
     eval_samples: int = 256
-    """Validation rows scored per validation (the first N of the split), sharded across workers."""
+    """Validation rows scored per validation, sharded across workers: a fixed subset picked once from the
+    seed, each regime (and module) in its share of the validation split, trimmed to a multiple of
+    num_workers."""
     eval_batch_size: int = 64
     """Rows per validation forward/generation batch per worker."""
     max_new_tokens: int = 32
-    """Greedy decoding length bound (answers in linear_1d are at most 30 characters)."""
+    """Greedy decoding length bound during validation; decoding also stops at the longest answer (in
+    tokens, eos included) of the validation subset."""
     log_every: int = 20
-    """One progress line (and one metrics.jsonl entry) every N steps."""
+    """One progress line (and one metrics.jsonl / TensorBoard entry) every N steps."""
+    tracking: list[Literal["tensorboard", "mlflow"]] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers, written by rank 0. TensorBoard event files go to <output>/tensorboard always
+    (`tensorboard --logdir <output>`); add mlflow to also log params and metrics to MLflow (needs the
+    `mlflow-skinny` package; logged from a background thread, so a slow server never stalls training)."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI (http://host:5000, databricks, or a local folder / file: URI, which works
+    offline). Default: the MLFLOW_TRACKING_URI environment variable, else <output>/mlruns."""
+    mlflow_experiment: str = "mathtune"
+    """MLflow experiment the run is logged under (its run name is run_name)."""
 
     # --- checkpoints & fault tolerance ---
     ckpt_every: int = 100
@@ -100,9 +119,18 @@ class TrainConfig:
     bf16_compress_hook). For workers on several nodes that talk over TCP; needs GPUs (NCCL) and ddp.
     None: fp32 all-reduce (right inside one NVLink node)."""
     pad_to_multiple_of: int = 8
-    """Dynamic padding of each batch to a multiple of this (tensor-core friendly)."""
+    """Inputs are padded to the batch's longest question rounded up to a multiple of this (tensor-core
+    friendly, few distinct shapes); labels only to the batch's longest answer."""
+    compile: bool = False
+    """torch.compile each T5 block (encoder and decoder) before wrapping: fewer kernel launches on GPU;
+    the first steps are slower while it compiles (and again for each new padded length)."""
+    in_memory_max_mb: float = 256.0
+    """A train split whose token columns take at most this many MB (uncompressed, from the Parquet
+    footers) is read once by every worker and reshuffled in memory each epoch (a new epoch costs nothing);
+    a larger one is streamed through Ray Data with a shuffle buffer. 0 = always stream."""
     shuffle_buffer: int = 4
-    """Local shuffle buffer of each worker, in micro batches (seeded per epoch; 0 = read order)."""
+    """Streamed splits only: local shuffle buffer of each worker, in micro batches (seeded by seed, epoch
+    and rank; 0 = read order)."""
 
     # --- memory planner (python -m train plan) ---
     plan_source_len: int = 128
@@ -121,8 +149,20 @@ class TrainConfig:
         for k, v in pos.items():
             if v < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {v}")
-        if self.eval_samples < 0 or self.warmup_steps < 0 or self.max_failures < 0 or self.shuffle_buffer < 0:
-            raise ConfigError("train.eval_samples, warmup_steps, max_failures and shuffle_buffer must be >= 0")
+        if (self.eval_samples < 0 or self.warmup_steps < 0 or self.max_failures < 0 or self.shuffle_buffer < 0
+                or self.in_memory_max_mb < 0):
+            raise ConfigError("train.eval_samples, warmup_steps, max_failures, shuffle_buffer and in_memory_max_mb "
+                              "must be >= 0")
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                raise ConfigError(f"train.early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+            if self.early_stopping_min_delta < 0:
+                raise ConfigError(f"train.early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}")
+            if not self.eval_samples:
+                raise ConfigError("train.early_stopping_patience needs validation: eval_samples is 0")
+        unknown = [t for t in self.tracking if t not in ("tensorboard", "mlflow")]
+        if unknown:
+            raise ConfigError(f"train.tracking: unknown tracker(s) {unknown}; known: tensorboard, mlflow")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:

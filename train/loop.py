@@ -1,16 +1,20 @@
-"""The training loop each Ray Train worker runs (`train_loop_per_worker`): one visible loop.
+"""The training loop each Ray Train worker runs (`train_loop_per_worker`), in named parts:
 
-setup (model, resume, wrap, optimizer) -> for each step: LR, `grad_accum` micro batches, clip, AdamW ->
-every log_every: one progress line -> every eval_every: validation loss + exact match (sharded across
-workers, all-reduced) -> every ckpt_every and at the end: checkpoint via `ray.train.report`.
+    setup_model (build, resume) -> distribute (DDP or FSDP2) -> make_optimizer -> make_batches
+    loop: set the LR -> train_step (grad_accum micro batches, clip, AdamW)
+          every log_every:  log_interval (one progress line, metrics.jsonl, TensorBoard/MLflow)
+          every eval_every: validate (loss + exact match, sharded, all-reduced) -> early stopping
+          every ckpt_every, at an improving validation when early stopping, and at the end: save_checkpoint
 
 Everything the loop needs arrives in `config` (a plain dict, so Ray can ship it): the TrainConfig fields
-under "cfg" plus what the driver resolved ("max_steps").
+under "cfg" plus what the driver resolved ("max_steps", the in-memory train files or None for a streamed
+split, the validation subset and its decoding bound).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -23,7 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train.collate import IGNORE_INDEX, Collator, collate_seq2seq
+from cluster.core import CheckpointError
+from train.collate import collate_seq2seq
 from train.config import TrainConfig
 from train.ddp_hooks import apply_comm_hook
 
@@ -91,8 +96,214 @@ def full_state_dicts(model, optimizer) -> tuple[dict, dict]:
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
-def validate(model, dataset, tokenizer, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Token-level loss and exact match by greedy generation on this worker's shard, summed over workers."""
+# ---------------------------------------------------------------------------------------------------
+# The run's state: what a checkpoint saves besides weights and optimizer, and what resume checks.
+
+
+@dataclasses.dataclass
+class RunState:
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    train_time_s: float = 0.0
+    epoch: int = 0  # data position: epoch, and micro batches of it already trained on
+    batch_in_epoch: int = 0
+    last_val: dict[str, float] = dataclasses.field(default_factory=dict)
+    best_score: float | None = None  # early stopping: the best validation score so far ...
+    since_best: int = 0  # ... and the validations since it
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> RunState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+def data_order(cfg: TrainConfig, world: int, in_memory: bool) -> dict[str, Any]:
+    """What the saved data position means: the same (epoch, batch) is the same data only with the same
+    seed, worker count, micro batch and loading mode. Saved with every checkpoint and compared on resume
+    (by the driver from the manifest before Ray starts, and by each worker)."""
+    return {"seed": cfg.seed, "world_size": world, "micro_batch": cfg.micro_batch,
+            "data_loading": "memory" if in_memory else "stream"}
+
+
+def check_data_order(saved: dict[str, Any] | None, now: dict[str, Any], where: str) -> None:
+    if not saved:
+        return
+    diff = {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved[k] != v}
+    if diff:
+        shown = ", ".join(f"{k}={a!r} (this run: {b!r})" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"checkpoint {where} was trained with {shown}: its data position would point at other rows. "
+            "Resume with the same seed, num_workers and micro batch (and train.in_memory_max_mb on the same "
+            "side of the split's size), or start a new run (a different run_name or storage_path)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup
+
+
+def setup_model(cfg: TrainConfig, tokenizer, rank: int, metrics_path: Path) -> tuple[Any, dict | None]:
+    """The model (identical init on every rank) and, when Ray hands back a checkpoint, its weights and
+    the saved training state."""
+    import ray.train
+
+    from train.checkpoint import load_train_state, load_weights, read_config
+    from train.model import build_model, check_same_arch
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.dropout)
+    if cfg.precision == "bf16":
+        model = model.to(torch.bfloat16)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return model, None
+    with ckpt.as_directory() as d:
+        saved = load_train_state(d)
+        check_same_arch(model.config, read_config(d), where=ckpt.path)
+        load_weights(model, d)
+    saved["checkpoint"] = ckpt.path
+    if rank == 0:
+        log.info("[train] resuming from checkpoint %s at step %d (epoch %d, batch %d)",
+                 ckpt.path, saved["step"], saved["epoch"], saved["batch_in_epoch"])
+        truncate_metrics(metrics_path, saved["step"])
+        append_jsonl(metrics_path, {"event": "resume", "step": saved["step"], "checkpoint": ckpt.path})
+    return model, saved
+
+
+def fsdp_policy(cfg: TrainConfig):
+    """FSDP2's mixed precision for bf16-mixed: bf16 weights in the all-gathers and the forward, fp32
+    gradient reduction and fp32 master weights (None otherwise)."""
+    if cfg.precision != "bf16-mixed":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def compile_blocks(model, backend: str = "inductor") -> None:
+    """torch.compile each T5 block in place (the blocks are where the kernel launches are; the embedding,
+    head and loss stay eager). Static shapes: each padded length compiles once, and padding to a multiple
+    keeps the lengths few."""
+    for block in [*model.encoder.block, *model.decoder.block]:
+        block.compile(dynamic=False, backend=backend)
+
+
+def distribute(model, cfg: TrainConfig, device: torch.device):
+    """Compile the T5 blocks (optional), then shard (FSDP2, one unit per block) or replicate (DDP)."""
+    import ray.train.torch
+
+    blocks = [*model.encoder.block, *model.decoder.block]
+    if cfg.compile:
+        compile_blocks(model)
+    if cfg.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(device)
+        kw = {"mp_policy": fsdp_policy(cfg)} if fsdp_policy(cfg) is not None else {}
+        for block in blocks:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+    else:
+        model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU) + move to device
+        apply_comm_hook(model, cfg.ddp_comm_hook)  # bf16 gradient all-reduce between nodes (train/ddp_hooks.py)
+    model.train()
+    return model
+
+
+def make_optimizer(model, cfg: TrainConfig, device: torch.device, saved: dict | None):
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+        fused=device.type == "cuda",  # one kernel for all parameters (plain and FSDP2 DTensors alike)
+    )
+    if saved is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+    return optimizer
+
+
+def make_batches(cfg: TrainConfig, config: dict[str, Any], tokenizer, rank: int, world: int,
+                 device: torch.device, state: RunState):
+    """This worker's micro batches, continuing at the saved data position."""
+    from train.data import InMemoryShard, ShardIterator, StreamedShard
+
+    if config["train_files"]:
+        source = InMemoryShard(config["train_files"], rank, world, cfg.micro_batch, cfg.seed,
+                               tokenizer.pad_token_id, cfg.pad_to_multiple_of)
+    else:
+        import ray.train
+
+        source = StreamedShard(ray.train.get_dataset_shard("train"), rank, cfg.micro_batch, cfg.seed,
+                               cfg.shuffle_buffer, tokenizer.pad_token_id, cfg.pad_to_multiple_of,
+                               pin_memory=device.type == "cuda")
+    return ShardIterator(source, state.epoch, state.batch_in_epoch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The parts of a step
+
+
+@dataclasses.dataclass
+class Interval:
+    """What happened since the last log line; the loss stays a device tensor (no sync per micro batch)."""
+
+    loss: Any = 0.0
+    micro: int = 0
+    tokens: int = 0
+    samples: int = 0
+    train_time: float = 0.0
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def train_step(model, optimizer, batches, cfg: TrainConfig, device: torch.device, world: int, iv: Interval) -> None:
+    from train.data import host_counts, to_device
+
+    t0 = time.perf_counter()
+    for micro in range(cfg.grad_accum):
+        batch = next(batches)
+        samples, tokens = host_counts(batch)  # counted on the host, before the copy: no device sync
+        batch = to_device(batch, device)
+        last = micro == cfg.grad_accum - 1
+        # Gradient all-reduce only on the last micro batch of the step.
+        if cfg.strategy == "fsdp":
+            model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext()
+        else:
+            sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
+        with sync, autocast(cfg, device):
+            loss = model(**batch).loss
+        (loss / cfg.grad_accum).backward()
+        iv.loss = iv.loss + loss.detach().float()
+        iv.micro, iv.tokens, iv.samples = iv.micro + 1, iv.tokens + tokens, iv.samples + samples
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    iv.train_time += time.perf_counter() - t0
+
+
+def log_interval(iv: Interval, state: RunState, lr: float, epoch: int, max_steps: int, cfg: TrainConfig,
+                 device: torch.device, rank: int, metrics_path: Path, tracker) -> None:
+    loss_sum, n_micro, toks, smp = all_sum([float(iv.loss), iv.micro, iv.tokens, iv.samples], device)
+    state.tokens += int(toks)
+    state.train_time_s += iv.train_time
+    elapsed = time.perf_counter() - iv.t0
+    rec = {"step": state.step, "loss": loss_sum / max(n_micro, 1), "lr": lr, "epoch": epoch,
+           "samples": state.samples, "samples_per_s": smp / elapsed, "tokens_per_s": toks / elapsed}
+    if rank == 0:
+        eta = (max_steps - state.step) * elapsed * cfg.global_batch_size / max(smp, 1)
+        log.info("[train] step %d/%d loss %.4f lr %.2e %.0f samples/s %.0f tokens/s eta %s",
+                 state.step, max_steps, rec["loss"], lr, rec["samples_per_s"], rec["tokens_per_s"],
+                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+        append_jsonl(metrics_path, rec)
+        tracker.log_metrics({f"train/{k}": rec[k] for k in ("loss", "lr", "samples_per_s", "tokens_per_s", "epoch")},
+                            state.step)
+
+
+def validate(model, rows: dict[str, list], tokenizer, cfg: TrainConfig, device: torch.device,
+             max_new_tokens: int) -> dict[str, float]:
+    """Token-level loss and exact match by greedy generation on this worker's rows, summed over workers."""
     from eval.metrics import exact_match
     from train.decode import greedy_decode
 
@@ -100,216 +311,168 @@ def validate(model, dataset, tokenizer, cfg: TrainConfig, device: torch.device) 
     core = unwrap(model)
     loss_sum = n_tok = correct = total = 0.0
     with torch.no_grad():
-        for b in dataset.iter_batches(batch_size=cfg.eval_batch_size, batch_format="numpy"):
-            batch = {k: v.to(device) for k, v in collate_seq2seq(b, tokenizer.pad_token_id, cfg.pad_to_multiple_of).items()}
-            n = int((batch["labels"] != IGNORE_INDEX).sum())
+        for i in range(0, len(rows["answer"]), cfg.eval_batch_size):
+            part = {k: v[i:i + cfg.eval_batch_size] for k, v in rows.items()}
+            batch = {k: v.to(device) for k, v in
+                     collate_seq2seq(part, tokenizer.pad_token_id, cfg.pad_to_multiple_of).items()}
+            n = sum(len(x) for x in part["labels"])  # from the host lists: no device sync
             with autocast(cfg, device):
                 loss_sum += float(core(**batch).loss) * n
                 # FSDP: every rank must issue the same number of forwards (each is a collective).
-                gen = greedy_decode(core, batch["input_ids"], batch["attention_mask"], cfg.max_new_tokens,
+                gen = greedy_decode(core, batch["input_ids"], batch["attention_mask"], max_new_tokens,
                                     fixed_steps=cfg.strategy == "fsdp")
             preds = tokenizer.batch_decode(gen.cpu(), skip_special_tokens=True)
-            correct += sum(exact_match(p, str(r)) for p, r in zip(preds, b["answer"], strict=True))
+            correct += sum(exact_match(p, str(r)) for p, r in zip(preds, part["answer"], strict=True))
             total += len(preds)
             n_tok += n
     model.train()
     loss_sum, n_tok, correct, total = all_sum([loss_sum, n_tok, correct, total], device)
-    return {
-        "val_loss": loss_sum / max(n_tok, 1),
-        "val_exact_match": correct / max(total, 1),
-        "val_samples": int(total),
-    }
+    val = {"val_loss": loss_sum / max(n_tok, 1), "val_exact_match": correct / max(total, 1), "val_samples": int(total)}
+    # Rank by exact match; the tiny loss term only breaks ties (EM moves in steps of 1/eval_samples).
+    val["score"] = val["val_exact_match"] - 1e-6 * min(val["val_loss"], 100.0)
+    return val
+
+
+def early_stopping_update(state: RunState, cfg: TrainConfig) -> tuple[bool, bool]:
+    """After a validation: (is it a new best, whose checkpoint must then be kept; stop now?). Patience
+    restarts only on a clear improvement: more than early_stopping_min_delta over the best so far."""
+    score = state.last_val["score"]
+    improved = state.best_score is None or score > state.best_score
+    clear = state.best_score is None or score > state.best_score + cfg.early_stopping_min_delta
+    state.best_score = score if improved else state.best_score
+    state.since_best = 0 if clear else state.since_best + 1
+    stop = cfg.early_stopping_patience is not None and state.since_best >= cfg.early_stopping_patience
+    return improved, stop
+
+
+def log_validation(state: RunState, stopped_early: bool, seconds: float, metrics_path: Path, tracker) -> None:
+    val = state.last_val
+    log.info("[train] validation step %d: loss %.4f exact match %.4f (%d rows, %.1fs)",
+             state.step, val["val_loss"], val["val_exact_match"], val["val_samples"], seconds)
+    append_jsonl(metrics_path, {"step": state.step, **val})
+    tracker.log_metrics({"val/loss": val["val_loss"], "val/exact_match": val["val_exact_match"]}, state.step)
+    if stopped_early:
+        log.info("[train] early stopping at step %d: %d validations without improvement", state.step,
+                 state.since_best)
+        append_jsonl(metrics_path, {"event": "early_stop", "step": state.step,
+                                    "validations_without_improvement": state.since_best})
+
+
+def save_checkpoint(model, optimizer, tokenizer, state: RunState, order: dict[str, Any], rank: int,
+                    metrics_path: Path, extra_metrics: dict[str, Any]) -> None:
+    """Full state on rank 0 into a fresh folder, handed to Ray Train (which uploads, then commits it).
+    Every rank calls it: gathering the state and `report` are collectives."""
+    import ray.train
+
+    from train.checkpoint import write_checkpoint
+
+    t_ck = time.perf_counter()
+    model_sd, optim_sd = full_state_dicts(model, optimizer)
+    metrics = {"step": state.step, "epoch": state.epoch, "samples": state.samples, "tokens": state.tokens,
+               "train_time_s": state.train_time_s, **state.last_val, **extra_metrics}
+    if "score" not in metrics:  # eval disabled: rank checkpoints by recency
+        metrics["score"] = float(state.step)
+    with tempfile.TemporaryDirectory(prefix="mathtune-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            train_state = {**dataclasses.asdict(state), "optimizer": optim_sd, "data_order": order}
+            write_checkpoint(tmp, unwrap(model), model_sd, tokenizer, train_state)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        # Every rank reports (it is a barrier); only rank 0 carries files.
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{state.step:07d}")
+    if rank == 0:
+        # Uploaded; Ray's controller commits it (checkpoint_manager_snapshot.json) at its next poll (~2 s):
+        # a crash before that resumes from the previous checkpoint.
+        log.info("[train] checkpoint written at step %d (%.1fs)", state.step, time.perf_counter() - t_ck)
+        append_jsonl(metrics_path, {"event": "checkpoint", "step": state.step})
+
+
+def gpu_worker_env() -> None:
+    """Variable sequence lengths fragment CUDA's caching allocator; expandable segments avoid that."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    with contextlib.suppress(Exception):  # takes effect even if CUDA was initialized before this point
+        torch.cuda.memory._set_allocator_settings(os.environ["PYTORCH_CUDA_ALLOC_CONF"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    from transformers import AutoTokenizer
 
-    from train.checkpoint import load_train_state, load_weights, read_config, write_checkpoint
-    from train.model import build_model, check_same_arch
+    from cluster.core import load_tokenizer
+    from train.tracking import make_tracker
 
     cfg = TrainConfig(**config["cfg"])
     max_steps: int = config["max_steps"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.use_gpu:
+        gpu_worker_env()
     torch.set_num_threads(cfg.threads)  # 2 workers on 2 cores: 1 thread each, no oversubscription
     device = ray.train.torch.get_device()
-    out = Path(cfg.output)
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = Path(cfg.output) / "metrics.jsonl"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    # ---- model (same seed on every rank: identical init, DDP/FSDP would sync it anyway) ----
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.resolved_tokenizer())
-    model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.dropout)
-    if cfg.precision == "bf16":
-        model = model.to(torch.bfloat16)
-
-    # ---- resume ----
-    state: dict[str, Any] | None = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_train_state(d)
-            check_same_arch(model.config, read_config(d), where=ckpt.path)
-            load_weights(model, d)
-        if rank == 0:
-            log.info("[train] resuming from checkpoint %s at step %d (epoch %d, batch %d)",
-                     ckpt.path, state["step"], state["epoch"], state["batch_in_epoch"])
-            truncate_metrics(metrics_path, state["step"])
-            append_jsonl(metrics_path, {"event": "resume", "step": state["step"], "checkpoint": ckpt.path})
-
-    # ---- distribute ----
-    if cfg.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        model.to(device)
-        for block in [*model.encoder.block, *model.decoder.block]:
-            fully_shard(block)
-        fully_shard(model)
-    else:
-        model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU) + move to device
-        apply_comm_hook(model, cfg.ddp_comm_hook)  # bf16 gradient all-reduce between nodes (train/ddp_hooks.py)
-    model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-        fused=device.type == "cuda" and cfg.strategy == "ddp",  # one kernel for all params on GPU
-    )
-    if state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-
-    step = state["step"] if state else 0
-    epoch = state["epoch"] if state else 0
-    skip = state["batch_in_epoch"] if state else 0
-    samples_done = state["samples"] if state else 0
-    tokens_done = state["tokens"] if state else 0
-    train_time = state["train_time_s"] if state else 0.0
-    best = state.get("best") if state else None
-    val: dict[str, float] = state.get("last_val", {}) if state else {}
+    tokenizer = load_tokenizer(cfg.resolved_tokenizer())
+    model, saved = setup_model(cfg, tokenizer, rank, metrics_path)
+    order = data_order(cfg, world, in_memory=bool(config["train_files"]))
+    if saved is not None:
+        check_data_order(saved.get("data_order"), order, saved["checkpoint"])
+    state = RunState.from_checkpoint(saved) if saved else RunState()
+    torch.manual_seed(cfg.seed + rank)  # after init (identical on every rank): each rank its own dropout
+    model = distribute(model, cfg, device)
+    optimizer = make_optimizer(model, cfg, device, saved)
+    del saved
+    batches = make_batches(cfg, config, tokenizer, rank, world, device, state)
+    val_rows = config["validation"]
+    if val_rows:  # the driver trimmed the subset to a multiple of the worker count: equal slices
+        per = len(val_rows["answer"]) // world
+        val_rows = {k: v[rank * per:(rank + 1) * per] for k, v in val_rows.items()}
+    tracker = make_tracker(cfg, rank)
     if rank == 0:
-        if state is None:  # a fresh start (or a restart before any checkpoint was committed): new history
+        if state.step == 0:  # a fresh start (or a restart before any checkpoint was committed): new history
             truncate_metrics(metrics_path, 0)
-        append_jsonl(metrics_path, {"event": "start", "step": step, "rank": rank, "pid": os.getpid(),
+        append_jsonl(metrics_path, {"event": "start", "step": state.step, "rank": rank, "pid": os.getpid(),
                                     "world_size": world, "max_steps": max_steps})
+        tracker.log_params({**dataclasses.asdict(cfg), "max_steps": max_steps, "world_size": world, **order})
 
-    # ---- data: this worker's shard, epoch after epoch; the position (epoch, batch) is checkpointed ----
-    shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation") if cfg.eval_samples else None
-    collator = Collator(tokenizer.pad_token_id, cfg.pad_to_multiple_of)
-
-    def micro_batches():
-        nonlocal epoch, skip
-        while True:
-            n = 0
-            for i, b in enumerate(shard.iter_torch_batches(
-                batch_size=cfg.micro_batch, collate_fn=collator, drop_last=True,
-                local_shuffle_buffer_size=cfg.shuffle_buffer * cfg.micro_batch or None,
-                local_shuffle_seed=cfg.seed + epoch,
-            )):
-                n += 1
-                if i < skip:  # resume: replay the order, skip what was already trained on
-                    continue
-                skip = i + 1
-                yield b
-            if n == 0:
-                raise RuntimeError(
-                    f"worker {rank}'s train shard yields no full batch of {cfg.micro_batch}: the train split "
-                    f"is too small for global_batch_size={cfg.global_batch_size} on {world} workers"
-                )
-            epoch, skip = epoch + 1, 0
-
-    batches = micro_batches()
-    # Interval accumulators (reduced across workers at each log line).
-    iv_loss = iv_micro = iv_tokens = iv_samples = 0.0
-    iv_t0 = time.perf_counter()
-    iv_train_time = 0.0
-
-    while step < max_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg, max_steps)
+    iv = Interval()
+    stopped_early = False
+    while state.step < max_steps and not stopped_early:
+        lr = lr_at(state.step, cfg, max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            last = micro == cfg.grad_accum - 1
-            # Gradient all-reduce only on the last micro batch of the step.
-            if cfg.strategy == "fsdp":
-                model.set_requires_gradient_sync(last)
-                sync = contextlib.nullcontext()
-            else:
-                sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
-            with sync, autocast(cfg, device):
-                loss = model(**batch).loss
-            (loss / cfg.grad_accum).backward()
-            iv_loss += loss.detach().float()  # a tensor: no CPU-GPU sync per micro batch
-            iv_micro += 1
-            iv_tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
-            iv_samples += batch["input_ids"].size(0)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        iv_train_time += time.perf_counter() - t0
+        train_step(model, optimizer, batches, cfg, device, world, iv)
+        state.step += 1
+        state.samples += cfg.global_batch_size  # exact: drop_last keeps every micro batch full
+        at_end = state.step == max_steps
+        if state.step % cfg.log_every == 0 or state.step % cfg.ckpt_every == 0 or at_end:
+            log_interval(iv, state, lr, batches.epoch, max_steps, cfg, device, rank, metrics_path, tracker)
+            iv = Interval()
 
-        samples_done += cfg.global_batch_size  # exact: drop_last keeps every micro batch full
-        ckpt_now = step % cfg.ckpt_every == 0 or step == max_steps
-        if step % cfg.log_every == 0 or ckpt_now:
-            loss_sum, n_micro, toks, smp = all_sum([float(iv_loss), iv_micro, iv_tokens, iv_samples], device)
-            tokens_done += int(toks)
-            train_time += iv_train_time
-            elapsed = time.perf_counter() - iv_t0
-            rec = {"step": step, "loss": loss_sum / max(n_micro, 1), "lr": lr, "epoch": epoch,
-                   "samples": samples_done, "samples_per_s": smp / elapsed, "tokens_per_s": toks / elapsed}
-            if rank == 0:
-                eta = (max_steps - step) * elapsed * cfg.global_batch_size / max(smp, 1)
-                log.info("[train] step %d/%d loss %.4f lr %.2e %.0f samples/s %.0f tokens/s eta %s",
-                         step, max_steps, rec["loss"], lr, rec["samples_per_s"], rec["tokens_per_s"],
-                         time.strftime("%H:%M:%S", time.gmtime(eta)))
-                append_jsonl(metrics_path, rec)
-            iv_loss = iv_micro = iv_tokens = iv_samples = iv_train_time = 0.0
-            iv_t0 = time.perf_counter()
-
-        evaluate = val_shard is not None and (step % cfg.eval_every == 0 or step == max_steps)
-        if evaluate:
+        improved = False
+        if val_rows and (state.step % cfg.eval_every == 0 or at_end):
             t_eval = time.perf_counter()
-            val = validate(model, val_shard, tokenizer, cfg, device)
-            # Rank by exact match; the tiny loss term only breaks ties (EM moves in steps of 1/eval_samples).
-            val["score"] = val["val_exact_match"] - 1e-6 * min(val["val_loss"], 100.0)
-            if best is None or val["score"] > best["score"]:
-                best = {"step": step, **val}
+            state.last_val = validate(model, val_rows, tokenizer, cfg, device, config["val_max_new_tokens"])
+            improved, stopped_early = early_stopping_update(state, cfg)  # the same on every rank (all-reduced)
             if rank == 0:
-                log.info("[train] validation step %d: loss %.4f exact match %.4f (%d rows, %.1fs)",
-                         step, val["val_loss"], val["val_exact_match"], val["val_samples"],
-                         time.perf_counter() - t_eval)
-                append_jsonl(metrics_path, {"step": step, **val})
-            iv_t0 += time.perf_counter() - t_eval  # validation time is not training throughput
+                log_validation(state, stopped_early, time.perf_counter() - t_eval, metrics_path, tracker)
+            iv.t0 += time.perf_counter() - t_eval  # validation time is not training throughput
+            if stopped_early and iv.micro:  # the steps since the last log line count in the totals
+                log_interval(iv, state, lr, batches.epoch, max_steps, cfg, device, rank, metrics_path, tracker)
+                iv = Interval()
 
-        if ckpt_now:
+        keep_best = improved and cfg.early_stopping_patience is not None  # the best model must be kept
+        if state.step % cfg.ckpt_every == 0 or at_end or stopped_early or keep_best:
             t_ck = time.perf_counter()
-            model_sd, optim_sd = full_state_dicts(model, optimizer)
-            metrics = {"step": step, "epoch": epoch, "samples": samples_done, "tokens": tokens_done,
-                       "train_time_s": train_time, **val}
-            if "score" not in metrics:  # eval disabled: rank checkpoints by recency
-                metrics["score"] = float(step)
-            train_state = {"step": step, "epoch": epoch, "batch_in_epoch": skip, "samples": samples_done,
-                           "tokens": tokens_done, "train_time_s": train_time, "optimizer": optim_sd,
-                           "best": best, "last_val": val, "seed": cfg.seed, "world_size": world}
-            with tempfile.TemporaryDirectory(prefix="mathtune-ckpt-") as tmp:
-                checkpoint = None
-                if rank == 0:
-                    write_checkpoint(tmp, unwrap(model), model_sd, tokenizer, train_state)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                # Every rank reports (it is a barrier); only rank 0 carries files.
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}")
-            if rank == 0:
-                # Uploaded; Ray's controller commits it (checkpoint_manager_snapshot.json) at its next poll (~2 s):
-                # a crash before that resumes from the previous checkpoint.
-                log.info("[train] checkpoint written at step %d (%.1fs)", step, time.perf_counter() - t_ck)
-                append_jsonl(metrics_path, {"event": "checkpoint", "step": step})
-            iv_t0 += time.perf_counter() - t_ck
-    if rank == 0 and not math.isfinite(float(val.get("val_loss", 0.0))):
+            state.epoch, state.batch_in_epoch = batches.epoch, batches.position
+            save_checkpoint(model, optimizer, tokenizer, state, order, rank, metrics_path,
+                            {"stopped_early": stopped_early})
+            iv.t0 += time.perf_counter() - t_ck
+    tracker.close()
+    if rank == 0 and not math.isfinite(float(state.last_val.get("val_loss", 0.0))):
         log.warning("[train] validation loss is not finite: check lr / precision")
+

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.core import ModelError
+from cluster.core import CHAR_VOCAB_SIZE, ModelError
 from train.config import TrainConfig
-from train.model import TINY_CONFIGS
+from train.model import TINY_CONFIGS, tiny_config
 
 GIB = 2**30
 CUDA_OVERHEAD = 1.5 * GIB
@@ -55,14 +55,12 @@ KNOWN_ARCHS: dict[str, dict[str, Any]] = {
     "google/flan-t5-xl": dict(_FLAN, d_model=2048, d_ff=5120, num_heads=32, num_layers=24, num_decoder_layers=24),
     "google/flan-t5-xxl": dict(_FLAN, d_model=4096, d_ff=10240, num_heads=64, num_layers=24, num_decoder_layers=24),
 }
-CHAR_VOCAB = 98  # pipeline/tokenizer.py: 3 specials + printable ASCII
 
 
 def architecture(model: str) -> dict[str, Any]:
     """Architecture numbers for a model spec, without weights (table, tiny config, or local config.json)."""
-    if model in TINY_CONFIGS:
-        return dict(TINY_CONFIGS[model], vocab_size=CHAR_VOCAB, relative_attention_num_buckets=32,
-                    feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    if model in TINY_CONFIGS:  # the model's own config (one source), with the built-in char tokenizer's vocab
+        return tiny_config(model, CHAR_VOCAB_SIZE).to_dict()
     if model in KNOWN_ARCHS:
         return dict(KNOWN_ARCHS[model])
     cfg = Path(os.path.expanduser(model)) / "config.json"

@@ -25,21 +25,22 @@ from cluster.core import (
     check_writable,
     load_tokenizer,
     open_split,
+    read_json,
     write_json_atomic,
 )
 from cluster.storage import require_shared_storage
 from train.config import TrainConfig
+from train.data import TRAIN_COLUMNS, VAL_COLUMNS, split_bytes, validation_subset
 
 log = logging.getLogger("mathtune.train")
 
-TRAIN_COLUMNS = ["input_ids", "labels"]
-VAL_COLUMNS = ["input_ids", "labels", "answer"]
 
-
-def check_existing_checkpoints(cfg: TrainConfig, vocab_size: int, pad_id: int, eos_id: int) -> None:
-    """A run name whose storage holds checkpoints of another architecture would resume into a mismatch:
-    refuse before starting workers, naming the differing fields."""
+def check_existing_checkpoints(cfg: TrainConfig, vocab_size: int, pad_id: int, eos_id: int, in_memory: bool) -> None:
+    """A run name whose storage holds checkpoints of another architecture, or of another data order (seed,
+    worker count, micro batch, loading mode), would resume into a mismatch: refuse before starting
+    workers, naming the differing fields."""
     from train.checkpoint import read_config
+    from train.loop import check_data_order, data_order
     from train.model import TINY_CONFIGS, check_same_arch, tiny_config
 
     storage = cfg.resolved_storage_path()
@@ -49,6 +50,9 @@ def check_existing_checkpoints(cfg: TrainConfig, vocab_size: int, pad_id: int, e
     found = sorted(run_dir.glob("step_*/config.json"))
     if not found:
         return
+    latest = found[-1].parent
+    manifest = read_json(latest / "checkpoint.json") or {}
+    check_data_order(manifest.get("data_order"), data_order(cfg, cfg.num_workers, in_memory), str(latest))
     if cfg.model in TINY_CONFIGS:
         expected = tiny_config(cfg.model, vocab_size, pad_id, eos_id)
     else:
@@ -58,13 +62,12 @@ def check_existing_checkpoints(cfg: TrainConfig, vocab_size: int, pad_id: int, e
             expected = AutoConfig.from_pretrained(os.path.expanduser(cfg.model), trust_remote_code=False)
         except OSError:
             return  # the worker's own load check reports it
-    check_same_arch(expected, read_config(found[-1].parent), where=str(found[-1].parent))
+    check_same_arch(expected, read_config(latest), where=str(latest))
 
 
 def resolve_max_steps(cfg: TrainConfig, train_rows: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
-    assert cfg.epochs is not None
     steps = math.ceil(cfg.epochs * train_rows / cfg.global_batch_size)
     if steps <= cfg.warmup_steps:
         raise ConfigError(f"train.epochs={cfg.epochs} gives {steps} steps, not more than warmup_steps={cfg.warmup_steps}")
@@ -83,6 +86,8 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
 
     t_start = time.time()
     ray_cfg = ray_cfg or RayConfig()
+    if not cfg.data:
+        raise ConfigError("train.data is required: the pipeline output folder (--data DIR)")
     check_data_dir(cfg.data)
     tokenizer = load_tokenizer(cfg.resolved_tokenizer())
     # Absolute paths: workers run in other working directories.
@@ -93,23 +98,35 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     check_writable(cfg.output, "train.output")
     storage = cfg.resolved_storage_path()
     check_writable(storage, "train.storage_path")
-    check_existing_checkpoints(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    if "mlflow" in cfg.tracking:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("train.tracking includes mlflow, but the mlflow package is not installed "
+                              "(pip install mlflow-skinny)") from e
     train_files = open_split(cfg.data, "train", TRAIN_COLUMNS)
     val_files = open_split(cfg.data, "validation", VAL_COLUMNS)
     train_rows = train_files.count_rows()  # from the Parquet footers
     if train_rows < cfg.global_batch_size:
         raise DataError(f"the train split has {train_rows} rows, fewer than one global batch ({cfg.global_batch_size})")
     max_steps = resolve_max_steps(cfg, train_rows)
+    train_mb = split_bytes(train_files.files) / 2**20
+    in_memory = train_mb <= cfg.in_memory_max_mb
+    check_existing_checkpoints(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, in_memory)
+    # A fixed subset, picked and read once on the driver and shipped with the config: every validation
+    # scores the same rows, each regime (and module) in its share, without a Ray Data job.
+    val_rows = validation_subset(val_files, cfg.eval_samples, cfg.num_workers, cfg.seed) if cfg.eval_samples else None
+    # Decoding stops at the longest answer of the subset (eos included): answers are a few tokens.
+    val_max_new = min(cfg.max_new_tokens, max(map(len, val_rows["labels"]))) if val_rows else cfg.max_new_tokens
 
     init_ray(ray_cfg)
     # Multi-node: workers must see the data, rank 0's outputs and the checkpoints (cluster/storage.py).
     require_shared_storage({"train.data": (cfg.data, False), "train.output": (cfg.output, False),
                             "train.storage_path": (storage, True)}, ray_cfg,
                            {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}, cfg.num_workers)
-    datasets = {"train": ray.data.read_parquet(train_files.files, columns=TRAIN_COLUMNS)}
-    if cfg.eval_samples:
-        # A fixed, bounded subset, read once on the driver: every validation scores the same rows.
-        datasets["validation"] = ray.data.from_arrow(val_files.head(cfg.eval_samples, columns=VAL_COLUMNS))
+    # Small splits are read by the workers themselves (once, reshuffled in memory each epoch); only a large
+    # one goes through Ray Data.
+    datasets = {} if in_memory else {"train": ray.data.read_parquet(train_files.files, columns=list(TRAIN_COLUMNS))}
 
     per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     require_resources(
@@ -123,12 +140,15 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     # deprecation warning (it passes that field to the ExecutionOptions constructor).
     exec_opts = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
     exec_opts.preserve_order = True
-    log.info("[train] %s: %d steps x %d sequences (%d workers x %d micro x %d accum), %d train rows; "
+    log.info("[train] %s: %d steps x %d sequences (%d workers x %d micro x %d accum), %d train rows (%.1f MB, %s); "
              "storage %s/%s", cfg.model, max_steps, cfg.global_batch_size, cfg.num_workers, cfg.micro_batch,
-             cfg.grad_accum, train_rows, storage, cfg.run_name)
+             cfg.grad_accum, train_rows, train_mb, "read once per worker" if in_memory else "streamed",
+             storage, cfg.run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "max_steps": max_steps},
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "max_steps": max_steps, "validation": val_rows,
+                           "val_max_new_tokens": val_max_new,
+                           "train_files": list(train_files.files) if in_memory else None},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=per_worker),
@@ -169,6 +189,10 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
         "final": {k: final_metrics.get(k) for k in ("step", "val_loss", "val_exact_match", "val_samples")},
         "best": {k: best_metrics.get(k) for k in ("step", "val_loss", "val_exact_match", "val_samples")},
         "best_checkpoint": best_ckpt.path,
+        "stopped_early": bool(final_metrics.get("stopped_early", False)),
+        "early_stopping_patience": cfg.early_stopping_patience,
+        "data_loading": "memory" if in_memory else "stream",
+        "tensorboard_dir": str(out / "tensorboard"),
         "final_dir": str(out / "final"),
         "num_workers": cfg.num_workers,
         "global_batch_size": cfg.global_batch_size,
@@ -178,6 +202,9 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
         "storage_path": storage,
     }
     write_json_atomic(out / "summary.json", summary)
+    if summary["stopped_early"]:
+        log.info("[train] stopped early at step %d (no better validation score in %d validations); final/ "
+                 "is the best checkpoint, step %s", summary["steps"], cfg.early_stopping_patience, summary["best"]["step"])
     log.info("[train] done: %d steps, %d samples in %.0fs (%.0f samples/s training); best val exact match %.4f "
              "at step %s -> %s", summary["steps"], summary["samples"], wall, summary["samples_per_s"],
              summary["best"]["val_exact_match"] or 0.0, summary["best"]["step"], summary["final_dir"])

@@ -1,0 +1,220 @@
+"""Training data on the worker side, and the validation subset on the driver side.
+
+A worker sees its micro batches through `ShardIterator`: epoch after epoch, each epoch in a new order
+seeded by (seed, epoch), with its position (epoch, batch in epoch) as checkpointable state. Where the
+batches of one epoch come from is a *source* with one method, `epoch(epoch, start)`:
+
+- `InMemoryShard`: a split small enough to hold (`train.in_memory_max_mb`) is read once per worker
+  straight from Parquet (no Ray Data job, so a new epoch costs nothing) and permuted globally each epoch:
+  every rank draws the same permutation of all rows and takes its own slice, so an epoch trains on every
+  row exactly once (up to the remainder of a global batch), in a new mix every epoch. Resume jumps to the
+  position; nothing is replayed.
+- `StreamedShard`: a larger split streams through this worker's Ray Data shard, with a local shuffle
+  buffer seeded by (seed, epoch, rank) (and the splitter's preserve_order, so the same seed and worker
+  count replay the same batches). Resume replays the epoch's order and skips what was trained on.
+
+Both are deterministic for a given seed and worker count, which is what makes a resumed run train on
+exactly what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from cluster.core import IGNORE_INDEX, DataError
+from train.collate import Collator
+
+TRAIN_COLUMNS = ("input_ids", "labels")
+VAL_COLUMNS = ("input_ids", "labels", "answer")
+STRATA_COLUMNS = ("regime", "module")  # the validation subset keeps each one's share (those present)
+
+
+def epoch_rng(seed: int, epoch: int, *more: int) -> np.random.Generator:
+    """The one generator behind an epoch's order: a pure function of (seed, epoch[, rank])."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, *more]))
+
+
+def host_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(samples, real input + label tokens) of a collated batch still on the host: no device sync."""
+    return batch["input_ids"].size(0), int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":  # pinned pages (pin_memory() returns an already pinned tensor as is): async copy
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The iterator with its own state
+
+
+class ShardIterator:
+    """Micro batches from `source`, epoch after epoch. Its state is (epoch, position = batches of this
+    epoch already handed out); saved with a checkpoint, a new iterator built with it continues with
+    exactly the next batch."""
+
+    def __init__(self, source, epoch: int = 0, position: int = 0) -> None:
+        self.source, self.epoch, self.position = source, epoch, position
+        self._it: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def __iter__(self) -> ShardIterator:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        while True:
+            if self._it is None:
+                self._it = iter(self.source.epoch(self.epoch, self.position))
+                self._fresh = self.position == 0
+            batch = next(self._it, None)
+            if batch is not None:
+                self.position += 1
+                self._fresh = False
+                return batch
+            if self._fresh:
+                raise DataError(f"this worker's train shard yields no full micro batch: {self.source.describe()}")
+            self.epoch, self.position, self._it = self.epoch + 1, 0, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources
+
+
+class FlatTokens:
+    """A column of token lists as one flat int32 array + offsets: the data's own size in memory (a
+    Python list of arrays would add ~100 bytes per row), rows sliced out as views."""
+
+    def __init__(self, column) -> None:
+        import pyarrow as pa
+
+        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        arr = arr.cast(pa.large_list(pa.int32()))
+        self.offsets = arr.offsets.to_numpy().astype(np.int64)
+        self.values = arr.values.to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def rows(self, idx: np.ndarray) -> list[np.ndarray]:
+        o, v = self.offsets, self.values
+        return [v[o[i]:o[i + 1]] for i in idx]
+
+
+class InMemoryShard:
+    """The whole split read once from Parquet; each epoch, every rank draws the same seeded permutation
+    of all rows and takes its own contiguous slice of `rows // world` rows (the rest of the permutation is
+    this epoch's dropped remainder, a different set each epoch)."""
+
+    def __init__(self, files: Sequence[str], rank: int, world: int, micro_batch: int, seed: int,
+                 pad_id: int, pad_to_multiple_of: int) -> None:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(list(files), columns=list(TRAIN_COLUMNS))
+        self.input_ids, self.labels = FlatTokens(table["input_ids"]), FlatTokens(table["labels"])
+        self.rank, self.world, self.micro, self.seed = rank, world, micro_batch, seed
+        self.collate = Collator(pad_id, pad_to_multiple_of)
+        self.rows = len(self.input_ids)
+        self.batches_per_epoch = (self.rows // world) // micro_batch
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's rows for `epoch`, in training order (batches_per_epoch x micro_batch of them)."""
+        perm = epoch_rng(self.seed, epoch).permutation(self.rows)
+        per_rank = self.rows // self.world
+        return perm[self.rank * per_rank:(self.rank + 1) * per_rank][:self.batches_per_epoch * self.micro]
+
+    def epoch(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        idx = self.epoch_indices(epoch)
+        for b in range(start, self.batches_per_epoch):
+            sel = idx[b * self.micro:(b + 1) * self.micro]
+            yield self.collate({"input_ids": self.input_ids.rows(sel), "labels": self.labels.rows(sel)})
+
+    def describe(self) -> str:
+        return f"{self.rows} rows over {self.world} worker(s) in micro batches of {self.micro}"
+
+
+class StreamedShard:
+    """This worker's Ray Data shard, read anew each epoch through a local shuffle buffer whose seed
+    varies with (seed, epoch, rank)."""
+
+    def __init__(self, shard, rank: int, micro_batch: int, seed: int, shuffle_buffer: int,
+                 pad_id: int, pad_to_multiple_of: int, pin_memory: bool = False) -> None:
+        self.shard, self.rank, self.micro, self.seed = shard, rank, micro_batch, seed
+        self.buffer = shuffle_buffer * micro_batch or None
+        self.collate, self.pin_memory = Collator(pad_id, pad_to_multiple_of), pin_memory
+
+    def epoch(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        seed = int(epoch_rng(self.seed, epoch, self.rank).integers(2**31))
+        # Collation runs in Ray's prefetch threads; tensors stay on the host (device="cpu") so the loop
+        # counts tokens there and copies them itself (pinned on GPU).
+        batches = self.shard.iter_torch_batches(
+            batch_size=self.micro, collate_fn=self.collate, device="cpu", pin_memory=self.pin_memory,
+            drop_last=True, local_shuffle_buffer_size=self.buffer, local_shuffle_seed=seed)
+        for i, b in enumerate(batches):
+            if i >= start:  # resume: the same order is replayed, what was trained on is skipped
+                yield b
+
+    def describe(self) -> str:
+        return f"streamed shard of worker {self.rank}, micro batches of {self.micro}"
+
+
+def split_bytes(files: Sequence[str], columns: Sequence[str] = TRAIN_COLUMNS) -> int:
+    """Bytes `columns` take in a worker's memory as `FlatTokens` (4 per token id + 8 per row offset),
+    counted from the Parquet footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for f in files:
+        md = pq.ParquetFile(f).metadata
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                if col.path_in_schema.split(".")[0] in columns:
+                    total += 4 * col.num_values + 8 * rg.num_rows
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# The validation subset (driver side)
+
+
+def stratified_take(groups: Sequence[Any], n: int, seed: int) -> np.ndarray:
+    """Indices of n rows (sorted) in which every group holds its share of the whole (largest remainder
+    rounding), picked at random within each group by `seed`. Deterministic; n >= len(groups) -> all rows."""
+    total = len(groups)
+    if n >= total:
+        return np.arange(total)
+    keys, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(keys))
+    exact = counts * n / total
+    take = np.floor(exact).astype(int)
+    for k in np.argsort(-(exact - take), kind="stable")[: n - take.sum()]:
+        take[k] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(inverse == k))[:take[k]] for k in range(len(keys))]
+    return np.sort(np.concatenate(picked))
+
+
+def validation_subset(files_ds, n: int, world: int, seed: int) -> dict[str, list]:
+    """The rows validated during training: n rows stratified by regime (and module, where the split has
+    that column), trimmed to a multiple of the worker count so every rank scores as many rows (FSDP runs
+    its forwards in lockstep). Read on the driver with pyarrow: no Ray Data job."""
+    names = set(files_ds.schema.names)
+    strata = [c for c in STRATA_COLUMNS if c in names]
+    rows = files_ds.count_rows()
+    if strata:  # only the strata columns are read in full; the token columns only for the rows taken
+        labels = files_ds.to_table(columns=strata)
+        groups = ["\x1f".join(map(str, vals)) for vals in zip(*(labels[c].to_pylist() for c in strata), strict=True)]
+    else:
+        groups = [""] * rows
+    idx = stratified_take(groups, n, seed)
+    idx = idx[: len(idx) - len(idx) % world]
+    if len(idx) == 0:
+        raise DataError(f"the validation split has {rows} rows: fewer than one per worker ({world})")
+    sub = files_ds.take(idx, columns=[*VAL_COLUMNS, *strata])
+    return {"input_ids": sub["input_ids"].to_pylist(), "labels": sub["labels"].to_pylist(),
+            "answer": sub["answer"].to_pylist(), **{c: sub[c].to_pylist() for c in strata}}
