@@ -208,10 +208,12 @@ def no_ray(monkeypatch):
         raise AssertionError("Ray was started before the error was found")
 
     monkeypatch.setattr(ray, "init", refuse)
+    # Another test module's session Ray may still be up in this process: the code under test must still
+    # see "no Ray" and try to start one (and be refused), not reuse it and hide a late check.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MATHTUNE_DEBUG", raising=False)
     yield
-    assert not ray.is_initialized()
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
