@@ -120,6 +120,18 @@ LINEAR_1D_T5_LENGTHS: dict[str, dict[str, dict[int, int]]] = {
 }
 TRAIN_REGIMES = ("train-easy", "train-medium", "train-hard")
 
+# The same 3,000 train rows under the project's char tokenizer (pipeline/tokenizer.py: one token per
+# character + eos), the speedrun's tokenizer: questions 22-61 tokens, answers 2-5.
+LINEAR_1D_CHAR_TRAIN_LENGTHS: dict[str, dict[int, int]] = {
+    "question": {
+        22: 3, 23: 4, 24: 8, 25: 20, 26: 39, 27: 69, 28: 95, 29: 150, 30: 188, 31: 186, 32: 174, 33: 171,
+        34: 172, 35: 170, 36: 150, 37: 180, 38: 142, 39: 126, 40: 127, 41: 116, 42: 99, 43: 99, 44: 79, 45: 73,
+        46: 52, 47: 50, 48: 38, 49: 39, 50: 38, 51: 31, 52: 21, 53: 25, 54: 20, 55: 11, 56: 12, 57: 11, 58: 5,
+        59: 6, 61: 1
+    },
+    "answer": {2: 837, 3: 1401, 4: 728, 5: 34},
+}
+
 
 def mean_length(split: str, field: str) -> float:
     regimes = TRAIN_REGIMES if split == "train" else (split,)
@@ -128,14 +140,17 @@ def mean_length(split: str, field: str) -> float:
     return total / rows
 
 
-def sample_lengths(rows: int, split: str = "train", seed: int = 0) -> list[tuple[int, int]]:
+def sample_lengths(rows: int, split: str = "train", seed: int = 0, tokenizer: str = "t5") -> list[tuple[int, int]]:
     """(question, answer) token lengths for `rows` rows drawn from the measured histograms: a regime
-    uniformly (train) or interpolate (test), then each length from that regime's histogram."""
+    uniformly (train) or interpolate (test), then each length from that regime's histogram. tokenizer
+    "char": the char tokenizer's train histogram (train split only)."""
     rng = random.Random(seed)
     regimes = TRAIN_REGIMES if split == "train" else (split,)
+    if tokenizer == "char" and split != "train":
+        raise ValueError("char-tokenizer lengths were measured on the train split only")
     out = []
     for _ in range(rows):
-        h = LINEAR_1D_T5_LENGTHS[rng.choice(regimes)]
+        h = LINEAR_1D_CHAR_TRAIN_LENGTHS if tokenizer == "char" else LINEAR_1D_T5_LENGTHS[rng.choice(regimes)]
         q = rng.choices(list(h["question"]), weights=list(h["question"].values()))[0]
         a = rng.choices(list(h["answer"]), weights=list(h["answer"].values()))[0]
         out.append((q, a))

@@ -36,10 +36,12 @@ n=$(ls "$OUT/wheels" | wc -l)
 [ "$n" -eq "${#SMALL[@]}" ] || { echo "gpu-pack: expected ${#SMALL[@]} wheels in $OUT/wheels, found $n (stale files?)"; exit 1; }
 
 rm -rf "$OUT/unz" && mkdir -p "$OUT/unz"
-"$PY" -m zipfile -e "$CACHE"/ray-2.60.0-cp312-*.whl "$OUT/unz"
+# unzip, not python -m zipfile: it keeps the exec bits of gcs_server, raylet and the other binaries.
+unzip -q "$CACHE"/ray-2.60.0-cp312-*.whl -d "$OUT/unz"
 # Java jars, RLlib, and the dashboard's web client (the device run starts Ray without a dashboard).
 rm -rf "$OUT/unz/ray/jars" "$OUT/unz/ray/rllib" "$OUT/unz/ray/dashboard/client/build"
 test -f "$OUT/unz/ray/__init__.py" && test -f "$OUT/unz/ray/data/__init__.py" && test -d "$OUT/unz/ray/train/torch"
+test -x "$OUT/unz/ray/core/src/ray/gcs/gcs_server" && test -x "$OUT/unz/ray/core/src/ray/raylet/raylet"
 XZ_OPT=-9 tar -C "$OUT/unz" -cJf "$OUT/ray.tar.xz" .
 rm -rf "$OUT/unz"
 

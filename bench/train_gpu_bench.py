@@ -10,7 +10,8 @@ flan-t5 tokenizer (bench/flops.py: questions 13-38 tokens, answers 2-4, eos incl
 its questions to the batch's longest rounded up to --pad-to-multiple-of and its labels to the longest
 answer rounded up to --label-pad-to-multiple-of, as the training loop's collation does. --bucket sorts
 a pool of --distinct-batches micro batches by question length before cutting them (length bucketing).
-The same few batches are cycled (all seen in the warm-up, so torch.compile has compiled every shape
+--lengths char uses the char tokenizer's lengths (the speedrun's; its step rate sets the speedrun's step
+count in bench/gpu_check.sh), --lengths-from a pipeline output's. The same few batches are cycled (all seen in the warm-up, so torch.compile has compiled every shape
 before timing starts).
 
 The step is the training loop's: forward with labels under bf16 autocast, backward, clip the gradient
@@ -60,12 +61,28 @@ def build_model(name: str, device, dropout: float = 0.1):
     return model, a
 
 
+def lengths_from(data: str, rows: int = 50_000) -> list[tuple[int, int]]:
+    """(input, label) token lengths of the first `rows` rows of a pipeline output's train split."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(f"{data}/train", format="parquet").head(rows, columns=["input_ids", "labels"])
+    src = pc.list_value_length(table["input_ids"]).to_pylist()
+    tgt = pc.list_value_length(table["labels"]).to_pylist()
+    return list(zip(src, tgt, strict=True))
+
+
 def make_batches(a: dict, micro_batch: int, n_batches: int, pad_src: int, pad_tgt: int, bucket: bool,
-                 device, seed: int = 0) -> list[dict]:
-    """`n_batches` micro batches with linear_1d's lengths, padded as the training collation pads."""
+                 device, seed: int = 0, lengths: str | list[tuple[int, int]] = "t5") -> list[dict]:
+    """`n_batches` micro batches with linear_1d's lengths ("t5" / "char": the measured histograms in
+    bench/flops.py, or a list of (input, label) lengths to draw from), padded as the collation pads."""
     import torch
 
-    rows = sample_lengths(micro_batch * n_batches, "train", seed)
+    n = micro_batch * n_batches
+    if isinstance(lengths, str):
+        rows = sample_lengths(n, "train", seed, tokenizer=lengths)
+    else:
+        rows = random.Random(seed).choices(lengths, k=n)
     if bucket:
         rows.sort()
     chunks = [rows[i * micro_batch:(i + 1) * micro_batch] for i in range(n_batches)]
@@ -95,7 +112,8 @@ def run_one(model, a: dict, args, micro_batch: int, device) -> dict:
 
     on_cuda = device.type == "cuda"
     batches = make_batches(a, micro_batch, args.distinct_batches, args.pad_to_multiple_of,
-                           args.label_pad_to_multiple_of, args.bucket, device, args.seed)
+                           args.label_pad_to_multiple_of, args.bucket, device, args.seed,
+                           lengths_from(args.lengths_from) if args.lengths_from else args.lengths)
     fwd = torch.compile(model, dynamic=False) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_cuda)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
@@ -129,6 +147,7 @@ def run_one(model, a: dict, args, micro_batch: int, device) -> dict:
     return {
         "bench": "train_gpu_bench", "device": name, "model": args.model, "precision": args.precision,
         "compile": args.compile, "bucket": args.bucket, "micro_batch": micro_batch,
+        "lengths": args.lengths_from or f"{args.lengths} tokens of linear_1d (bench/flops.py)",
         "shapes": sorted({b["shape"] for b in batches}), "steps": args.steps,
         "warmup_s": round(warm_s, 1), "step_ms": round(1000 * dt / args.steps, 2),
         "samples_per_s": round(args.steps * micro_batch / dt, 1),
@@ -163,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pad-to-multiple-of", type=int, default=8, help="question padding multiple")
     ap.add_argument("--label-pad-to-multiple-of", type=int, default=1, help="answer padding multiple")
     ap.add_argument("--bucket", action="store_true", help="sort rows by question length into batches")
+    ap.add_argument("--lengths", choices=["t5", "char"], default="t5",
+                    help="measured linear_1d lengths under flan-t5's tokenizer or the char tokenizer")
+    ap.add_argument("--lengths-from", default=None, metavar="DATA",
+                    help="draw lengths from a pipeline output's train split instead")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
     ap.add_argument("--json-out", default=None, help="append one JSON line per run to this file")

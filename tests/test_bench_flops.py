@@ -111,6 +111,16 @@ def test_measured_lengths():
     assert abs(sum(q for q, _ in rows) / len(rows) - mean_length("train", "question")) < 0.5
 
 
+def test_eval_bench_rows_have_t5_lengths():
+    from bench.eval_bench import t5_length_ids
+
+    ids, labels = t5_length_ids(500, seed=3)
+    assert len(ids) == len(labels) == 500
+    assert all(16 <= len(x) <= 35 and x[-1] == 1 and 1 not in x[:-1] for x in ids)
+    assert all(2 <= len(y) <= 4 and y[-1] == 1 for y in labels)
+    assert 22 < sum(map(len, ids)) / 500 < 27  # interpolate: NOTES.md's hard-regime-like mean, ~24.7
+
+
 def test_flan_t5_large_builds_untied_with_783m_parameters():
     from bench.train_gpu_bench import build_model
 
