@@ -63,8 +63,8 @@ gpu-pack:
 gpu-check:
 	@test -f .gpu/ray.tar.xz || (echo "first: make gpu-pack"; exit 2)
 	@echo "Run these two calls back to back (the machine stays warm only ~30 s between calls):"
-	@echo "  1. run  command: bash bench/gpu_check.sh 1   carry: [\".gpu\"]   timeout_s: 480"
-	@echo "  2. run  command: bash bench/gpu_check.sh 2   carry: []         timeout_s: 540"
+	@echo "  1. run  command: bash bench/gpu_check.sh 1   carry: [\".gpu\"]   timeout_s: 600"
+	@echo "  2. run  command: bash bench/gpu_check.sh 2   carry: []         timeout_s: 600"
 	@echo "Each call returns \$$OUT/RESULTS.md (bench/RESULTS.md + the new GPU sections): copy its"
 	@echo "'## GPU device check' section into bench/RESULTS.md. Then give_back."
 

@@ -33,20 +33,32 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 
 say() { echo "[gpu-check $(date -u +%H:%M:%S)] $*"; }
 
+# The device tool stops a call at 600 s: each step gets its own limit or what is left before DEADLINE,
+# whichever is less, and a step with under 20 s left is skipped, so the results are written in time.
+DEADLINE=${GPU_CHECK_DEADLINE:-$(if [ $DRY -eq 1 ]; then echo 3600; else echo 560; fi)}
+
 # step NAME TIMEOUT_S CMD...: run with a hard limit, log to $LOGS/NAME.log, record rc and seconds.
 step() {
     local name=$1 limit=$2; shift 2
-    local t0=$SECONDS rc
+    local t0=$SECONDS rc left=$((DEADLINE - SECONDS))
+    if [ $left -lt 20 ]; then
+        say "$name SKIPPED: ${left}s left of this call"
+        printf '%s\tskipped\t0\n' "$name" >>"$STATE/steps.tsv"
+        return 99
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     say "$name (limit ${limit}s): $*"
     timeout --kill-after=15 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     rc=$?
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && say "$name TIMED OUT after ${limit}s"
     printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$STATE/steps.tsv"
     say "$name rc=$rc in $((SECONDS - t0)) s; last lines:"; tail -n 4 "$LOGS/$name.log" | sed 's/^/    /'
+    publish
     return $rc
 }
 
-finish() {  # what comes back: RESULTS.md, one log per part, the raw JSON
+publish() {  # what comes back: RESULTS.md, one log per part, the raw JSON (after every step: a call
+             # stopped from outside still returns what was done)
     {
         cat bench/RESULTS.md
         echo; cat "$RES" 2>/dev/null
@@ -56,9 +68,8 @@ finish() {  # what comes back: RESULTS.md, one log per part, the raw JSON
     cp "$STATE"/train_bench.jsonl "$STATE"/eval_bench.json "$OUTDIR"/ 2>/dev/null
     cp "$SPEED/train/summary.json" "$OUTDIR/speedrun_summary.json" 2>/dev/null
     cp "$SPEED/eval/metrics.json" "$OUTDIR/speedrun_metrics.json" 2>/dev/null
-    say "results: $OUTDIR/RESULTS.md"
 }
-trap finish EXIT
+trap 'publish; say "results: $OUTDIR/RESULTS.md"' EXIT
 
 # ---------- Python with Ray ----------
 if [ $DRY -eq 1 ]; then
@@ -113,7 +124,7 @@ if [ $DRY -eq 1 ]; then
 else
     PIPE_X=(); BENCH=(--steps 15); SWEEP=(--micro-batch 128 256 512); PROBE=(--model "$MODEL" --micro-batch "$BATCH")
     EVALB=(--gpu --rows 10000 --skip-baseline); TRAIN_X=(); EVAL_X=()
-    T_PIPE=330; T_TRAIN=390; T_EVAL=100
+    T_PIPE=330; T_TRAIN=420; T_EVAL=100
 fi
 
 # ---------- part 1 ----------
@@ -142,7 +153,7 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     "$PY" -m bench.gpu_report train "$RES" "$STATE/probe.jsonl" \
         --title "Speedrun model's bare step rate ($MODEL, char lengths), sets the speedrun's max_steps" >/dev/null
     if [ $DRY -eq 1 ]; then echo 30 >"$STATE/speedrun_max_steps"; else
-        "$PY" -m bench.gpu_report steps "$STATE/probe.jsonl" --seconds 240 --batch "$BATCH" >"$STATE/speedrun_max_steps"
+        "$PY" -m bench.gpu_report steps "$STATE/probe.jsonl" --seconds 240 --overhead 0.6 --batch "$BATCH" >"$STATE/speedrun_max_steps"
     fi
     say "speedrun max_steps: $(cat "$STATE/speedrun_max_steps")"
     say "waiting for the pipeline"; wait "$PIPE_PID"

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("jsonl")
     st.add_argument("--seconds", type=float, default=270)
     st.add_argument("--batch", type=int, required=True)
-    st.add_argument("--overhead", type=float, default=0.7)
+    st.add_argument("--overhead", type=float, default=0.6)
     st.add_argument("--min", type=int, default=1000)
     st.add_argument("--max", type=int, default=20000)
     a = p.parse_args(argv)
