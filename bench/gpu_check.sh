@@ -71,6 +71,16 @@ publish() {  # what comes back: RESULTS.md, one log per part, the raw JSON (afte
 }
 trap 'publish; say "results: $OUTDIR/RESULTS.md"' EXIT
 
+if [ "$PART" = 1 ] || [ "$PART" = all ]; then  # a fresh run: forget the last one's numbers
+    rm -f "$STATE/steps.tsv" "$STATE"/*.jsonl "$STATE/eval_bench.json" "$STATE/speedrun_max_steps"
+    {
+        echo "## GPU device check ($( [ $DRY -eq 1 ] && echo 'DRY RUN on CPU, toy sizes: not GPU numbers' || echo 'bench/gpu_check.sh'))"
+        echo
+        echo "$(date -u '+%Y-%m-%d %H:%M UTC'); $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi'); $(nproc) CPUs"
+        echo
+    } >"$RES"
+fi
+
 # ---------- Python with Ray ----------
 if [ $DRY -eq 1 ]; then
     PY=${PYTHON:-$(if [ -x .venv/bin/python ]; then echo .venv/bin/python; else echo python3; fi)}
@@ -129,13 +139,6 @@ fi
 
 # ---------- part 1 ----------
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
-    rm -f "$STATE/steps.tsv" "$STATE"/*.jsonl "$STATE/eval_bench.json"
-    {
-        echo "## GPU device check ($( [ $DRY -eq 1 ] && echo 'DRY RUN on CPU, toy sizes: not GPU numbers' || echo 'bench/gpu_check.sh'))"
-        echo
-        echo "$(date -u '+%Y-%m-%d %H:%M UTC'); $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi'); $(nproc) CPUs"
-        echo
-    } >"$RES"
     # The speedrun's data on the CPUs, while the GPU runs the benchmarks (separate resources).
     rm -rf "$SPEED"
     step pipeline "$T_PIPE" "$PY" -m pipeline --config configs/speedrun.yaml "${PIPE_X[@]}" &
@@ -158,9 +161,10 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     say "speedrun max_steps: $(cat "$STATE/speedrun_max_steps")"
     say "waiting for the pipeline"; wait "$PIPE_PID"
     # After the pipeline: both start a local Ray, and the eval bench wants the CPUs for its own.
+    rm -rf "$STATE/eval-bench"
     step eval_bench 200 "$PY" -m bench.eval_bench "${EVALB[@]}" --workdir "$STATE/eval-bench" --json "$STATE/eval_bench.json"
     "$PY" -m bench.gpu_report eval "$RES" "$STATE/eval_bench.json" >/dev/null
-    rm -rf "$STATE/eval-bench/model"   # 3 GB of random weights
+    rm -rf "$STATE/eval-bench"   # 3 GB of random weights
 fi
 
 # ---------- part 2: the speedrun ----------
