@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_check.sh 1   setup; `python -m pipeline` generates the speedrun's 2M rows on the
 #                               node's CPUs in the background while the GPU runs `pytest -m gpu`, the
-#                               flan-t5-large training bench (eager micro-batch sweep, compiled) and the
+#                               flan-t5-large training bench (eager micro-batch sweep, length-bucketed,
+#                               compiled) and the
 #                               speedrun model's step-rate probe; then the 10k-row eval bench.  ~6 min
 #   bash bench/gpu_check.sh 2   the speedrun: `python -m train` (~240 s of steps, the count set from
 #                               part 1's probe) and `python -m eval` on the 10k interpolate rows. ~7 min
@@ -146,6 +147,8 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     step pytest_gpu 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
     [ $? -eq 5 ] && say "no test is marked gpu"
     step train_bench_eager 150 "$PY" -m bench.train_gpu_bench "${BENCH[@]}" "${SWEEP[@]}" --json-out "$STATE/train_bench.jsonl"
+    step train_bench_bucketed 90 "$PY" -m bench.train_gpu_bench --bucket "${BENCH[@]}" "${SWEEP[@]:0:1}" \
+        "${SWEEP[@]: -1}" --json-out "$STATE/train_bench.jsonl"
     if [ $DRY -eq 0 ]; then
         step train_bench_compiled 200 "$PY" -m bench.train_gpu_bench --compile "${BENCH[@]}" --micro-batch 256 \
             --json-out "$STATE/train_bench.jsonl"
