@@ -96,11 +96,18 @@ BLOCKED = ("aiohttp_cors", "colorful", "opencensus", "opentelemetry", "smart_ope
            "platformdirs", "google.api_core", "google.auth", "proto", "datasets", "evaluate", "dill",
            "multiprocess", "fastapi", "starlette", "uvicorn", "mlflow", "git", "databricks", "cachetools",
            "cryptography", "py_spy")
+def _blocked(name):
+    return any(name == b or name.startswith(b + ".") for b in BLOCKED)
 class _Block:
     def find_spec(self, name, path=None, target=None):
-        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+        if _blocked(name):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked: the GPU image lacks it)")
 sys.meta_path.insert(0, _Block())
+# Probes (transformers' is_mlflow_available, ...) ask importlib.util.find_spec, which says None when a
+# package is absent: say that too, rather than raise.
+import importlib.util
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if _blocked(name) else _find_spec(name, package)
 EOF
     export PYTHONPATH=$STATE/dry-block:$ROOT
 else
