@@ -133,15 +133,18 @@ BATCH=$(cfg train global_batch_size); MODEL=$(cfg train model)
 if [ $DRY -eq 1 ]; then
     PIPE_X=(--train-rows-per-regime 600 --test-rows 300 --validation-size 60 --rows-per-shard 300)
     BENCH=(--model t5-tiny --device cpu --precision fp32 --steps 1 --warmup 1 --distinct-batches 2)
-    SWEEP=(--micro-batch 4 8); PROBE=(--model t5-tiny --micro-batch 16)
-    EVALB=(--rows 200 --variants "--num-actors 1 --cpus-per-actor 1 --torch-threads 2")
-    TRAIN_X=(--use-gpu false --model t5-tiny --precision fp32 --global-batch-size 32 --warmup-steps 5
+    MODEL=t5-tiny; SWEEP=(--micro-batch 4 8); PROBE=(--model "$MODEL" --micro-batch 16)
+    EVALB=(--rows 200 --variants "--num-actors 1 --cpus-per-actor 1 --torch-threads 2 --no-dashboard")
+    TRAIN_X=(--no-use-gpu --model "$MODEL" --precision fp32 --global-batch-size 32 --warmup-steps 5
              --eval-every 10 --ckpt-every 10 --eval-samples 60 --eval-batch-size 60 --log-every 10)
     EVAL_X=(--gpus-per-actor 0 --max-rows 200 --batch-size 100)
     T_PIPE=600; T_TRAIN=600; T_EVAL=300
 else
     PIPE_X=(); BENCH=(--steps 15); SWEEP=(--micro-batch 128 256 512); PROBE=(--model "$MODEL" --micro-batch "$BATCH")
-    EVALB=(--gpu --rows 10000 --skip-baseline); TRAIN_X=(); EVAL_X=()
+    # python -m eval outside a config starts Ray with its dashboard, whose packages the image lacks
+    EVALB=(--gpu --rows 10000 --skip-baseline
+           --variants "--num-actors 1 --gpus-per-actor 1 --cpus-per-actor 1 --no-dashboard")
+    TRAIN_X=(); EVAL_X=()
     T_PIPE=330; T_TRAIN=420; T_EVAL=100
 fi
 

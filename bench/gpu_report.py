@@ -91,9 +91,10 @@ def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
     man = data / "manifest.json"
     if man.is_file():
         m = json.loads(man.read_text())
+        reasons = m.get("rows_rejected_by_reason") or ""
         out.append(f"- pipeline: {m.get('rows_in', 0):,} rows in, kept by split {m.get('rows_kept_by_split')}, "
-                   f"rejected {m.get('rows_rejected', 0):,} {m.get('rows_rejected_by_reason') or ''}; "
-                   f"{m.get('elapsed_s')} s ({m.get('rows_per_s')} rows/s) on {os.cpu_count()} cores")
+                   f"rejected {m.get('rows_rejected', 0):,} {reasons}".rstrip()
+                   + f"; {m.get('elapsed_s')} s ({m.get('rows_per_s')} rows/s) on {os.cpu_count()} cores")
     else:
         out.append("- pipeline: no manifest (failed or timed out)")
     s = train_out / "summary.json"
