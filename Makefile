@@ -56,8 +56,8 @@ clean:
 
 # ---- GPU device check (bench/gpu_check.sh; results in bench/RESULTS.md) ----
 # Build .gpu/ here (needs PyPI): Ray 2.60 for Python 3.12 + the wheels the GPU image lacks, < 60 MiB.
-gpu-pack:
-	bash bench/gpu_pack.sh
+gpu-pack: setup
+	PY=$(BIN)/python bash bench/gpu_pack.sh
 
 # Prints how to run the check through the device tool (a lent GPU machine has no Ray and no network).
 gpu-check:

@@ -9,10 +9,10 @@
 # .gpu/wheels/     the small wheels `import ray.data, ray.train.torch` and the project need that the
 #                  image lacks, pinned to the versions the dev venv runs (one version each: two stop
 #                  pip --no-index).
-# .gpu/t5-tokenizer/  flan-t5's tokenizer files (2.2 MB) for the benchmarks' real-token shapes.
+# .gpu/t5-tokenizer/  flan-t5's tokenizer files (2.2 MB), if $T5_TOKENIZER (default /work/shared/...) exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-/work/main/.venv/bin/python}
+PY=${PY:-$(if [ -x .venv/bin/python ]; then echo .venv/bin/python; else echo python3; fi)}
 OUT=.gpu
 CACHE=.gpu-cache   # the 79 MB ray wheel stays out of what travels
 LIMIT_MIB=60
@@ -45,8 +45,11 @@ test -x "$OUT/unz/ray/core/src/ray/gcs/gcs_server" && test -x "$OUT/unz/ray/core
 XZ_OPT=-9 tar -C "$OUT/unz" -cJf "$OUT/ray.tar.xz" .
 rm -rf "$OUT/unz"
 
+# Optional: flan-t5's tokenizer, to check real-token shapes by hand on the device (the benchmarks use the
+# lengths embedded in bench/flops.py and do not need it).
+T5_TOKENIZER=${T5_TOKENIZER:-/work/shared/t5-tokenizer}
 rm -rf "$OUT/t5-tokenizer"
-if [ -d /work/shared/t5-tokenizer ]; then cp -r /work/shared/t5-tokenizer "$OUT/t5-tokenizer"; fi
+if [ -d "$T5_TOKENIZER" ]; then cp -r "$T5_TOKENIZER" "$OUT/t5-tokenizer"; fi
 
 total=$(du -cb "$OUT" | tail -1 | cut -f1)
 mib=$((total / 1048576))
