@@ -7,7 +7,7 @@ CONFIG  ?= configs/flan-t5-large.yaml
 PYTEST_ARGS ?=
 ARGS    ?=
 
-.PHONY: setup demo test test-cluster test-all test-fast bench lint submit clean
+.PHONY: setup demo test test-cluster test-all test-fast bench lint submit clean gpu-pack gpu-check gpu-check-dry
 
 # Creates .venv and installs the project + dev tools from pyproject.toml. Re-runs only when
 # pyproject.toml changes (the stamp), so it is ~instant when already done.
@@ -55,3 +55,22 @@ submit: setup
 
 clean:
 	rm -rf outputs .pytest_cache
+
+# ---- GPU device check (bench/gpu_check.sh; results in bench/RESULTS.md) ----
+# Build .gpu/ here (needs PyPI): Ray 2.60 for Python 3.12 + the wheels the GPU image lacks, < 60 MiB.
+gpu-pack: setup
+	PY=$(BIN)/python bash bench/gpu_pack.sh
+
+# Prints how to run the check through the device tool (a lent GPU machine has no Ray and no network).
+gpu-check:
+	@test -f .gpu/ray.tar.xz || (echo "first: make gpu-pack"; exit 2)
+	@echo "Run these two calls back to back (the machine stays warm only ~30 s between calls):"
+	@echo "  1. run  command: bash bench/gpu_check.sh 1   carry: [\".gpu\"]   timeout_s: 600"
+	@echo "  2. run  command: bash bench/gpu_check.sh 2   carry: []         timeout_s: 600"
+	@echo "Each call returns \$$OUT/RESULTS.md (bench/RESULTS.md + the new GPU sections): copy its"
+	@echo "'## GPU device check' section into bench/RESULTS.md. Then give_back."
+
+# The same script at toy sizes on this CPU machine (the dev venv's Ray; the image's missing packages blocked).
+gpu-check-dry: setup
+	@test -f .gpu/ray.tar.xz || (echo "first: make gpu-pack"; exit 2)
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh all --dry-run

@@ -1,0 +1,168 @@
+"""Turns the device check's raw outputs into Markdown for bench/RESULTS.md (bench/gpu_check.sh calls it).
+
+    python -m bench.gpu_report train  RESULTS.md runs.jsonl [--title ...]   # bench.train_gpu_bench lines
+    python -m bench.gpu_report eval   RESULTS.md eval_bench.json            # bench.eval_bench --json
+    python -m bench.gpu_report speedrun RESULTS.md DATA TRAIN_OUT EVAL_OUT  # manifest, summary, metrics
+    python -m bench.gpu_report steps  probe.jsonl --seconds 270 --batch 512  # speedrun max_steps (stdout)
+
+Every section it appends names the card, the date and the versions; a missing input file becomes a line
+saying so (a step that timed out leaves none), never a crash that would lose the other numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def environment() -> str:
+    """Card, driver-visible CUDA, Python and library versions, in one line."""
+    parts = [f"python {platform.python_version()}"]
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
+        if torch.cuda.is_available():
+            parts.insert(0, torch.cuda.get_device_name())
+    except ImportError:
+        pass
+    for mod in ("transformers", "ray"):
+        try:
+            parts.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            parts.append(f"{mod} missing")
+    return ", ".join(parts)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().startswith("{")]
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def train_section(rows: list[dict], title: str) -> str:
+    out = [f"### {title}", "", f"{_now()}; {environment()}", ""]
+    if not rows:
+        return "\n".join(out + ["No result: the step failed or timed out (see its log).", ""])
+    out += ["| model | compile | micro batch | shapes (question, answer) | step ms | samples/s | useful tok/s "
+            "| MFU useful | MFU padded | max mem GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r.get('compile')} | {r['micro_batch']} | {r['error']} | | | | | | |")
+            continue
+        shapes = " ".join(f"{s}x{t}" for s, t in r["shapes"])
+        out.append(f"| {r['model']} | {r['compile']} | {r['micro_batch']} | {shapes} | {r['step_ms']} | "
+                   f"{r['samples_per_s']:,.0f} | {r['useful_tokens_per_s']:,} | {_pct(r['mfu_useful'])} | "
+                   f"{_pct(r['mfu_padded'])} | {r['max_memory_gib']} |")
+    dev = rows[0].get("device", "?")
+    out += ["", f"Device {dev}, peak {rows[0].get('peak_tflops')} dense bf16 TFLOP/s (bench/flops.py); random "
+            "weights, lengths: " + str(rows[0].get("lengths", "")), ""]
+    return "\n".join(out)
+
+
+def eval_section(path: Path) -> str:
+    out = ["### 10k-row eval (bench.eval_bench --gpu)", "", f"{_now()}; {environment()}", ""]
+    if not path.is_file():
+        return "\n".join(out + ["No result: the step failed or timed out (see its log).", ""])
+    r = json.loads(path.read_text())
+    out += [f"{r['model']}; {r['rows']} rows, batch {r['batch_size']}. Target: <= 20 s on one H100.", "",
+            "| what | wall s | examples/s | Ray Data part s |", "|---|---|---|---|"]
+    for run in r["runs"]:
+        ray_part = f"{run['ray_data_wall_s']:.1f}" if "ray_data_wall_s" in run else "-"
+        out.append(f"| {run['what']} | {run['wall_s']:.1f} | {run['examples_per_s']:,.0f} | {ray_part} |")
+    return "\n".join(out + [""])
+
+
+def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
+    out = ["### Speedrun (configs/speedrun.yaml)", "", f"{_now()}; {environment()}", ""]
+    man = data / "manifest.json"
+    if man.is_file():
+        m = json.loads(man.read_text())
+        reasons = m.get("rows_rejected_by_reason") or ""
+        out.append(f"- pipeline: {m.get('rows_in', 0):,} rows in, kept by split {m.get('rows_kept_by_split')}, "
+                   f"rejected {m.get('rows_rejected', 0):,} {reasons}".rstrip()
+                   + f"; {m.get('elapsed_s')} s ({m.get('rows_per_s')} rows/s) on {os.cpu_count()} cores")
+    else:
+        out.append("- pipeline: no manifest (failed or timed out)")
+    s = train_out / "summary.json"
+    if s.is_file():
+        t = json.loads(s.read_text())
+        out.append(f"- train: {t['model']}, {t['steps']} steps of {t['global_batch_size']}, {t['samples']:,} samples "
+                   f"in {t['train_time_s']} s of training ({t['samples_per_s']:,.0f} samples/s), "
+                   f"{t['wall_time_s']} s wall; best validation exact match "
+                   f"{_pct(t['best']['val_exact_match'])} at step {t['best']['step']}")
+    else:
+        out.append("- train: no summary.json (failed or timed out)")
+    e = eval_out / "metrics.json"
+    if e.is_file():
+        m = json.loads(e.read_text())
+        out.append(f"- eval: **exact match {_pct(m.get('exact_match'))}** on {m.get('rows_scored')} interpolate "
+                   f"rows (target >= 95%), F1 {_pct(m.get('f1'))}, {m.get('wall_s', 0):.1f} s")
+    else:
+        out.append("- eval: no metrics.json (failed or timed out)")
+    return "\n".join(out + [""])
+
+
+def speedrun_steps(rows: list[dict], seconds: float, batch: int, overhead: float, lo: int, hi: int) -> int:
+    """Optimizer steps that fill `seconds` of training at the probed step rate discounted by `overhead`
+    (the loop's data loading and validation on top of the bare step), clamped to [lo, hi]."""
+    ok = [r for r in rows if "samples_per_s" in r]
+    if not ok:
+        return lo
+    rate = ok[-1]["samples_per_s"] * overhead
+    return max(lo, min(hi, int(math.floor(seconds * rate / batch / 100)) * 100))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_report", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("results")
+    t.add_argument("jsonl")
+    t.add_argument("--title", default="flan-t5-large training (bench.train_gpu_bench)")
+    e = sub.add_parser("eval")
+    e.add_argument("results")
+    e.add_argument("json")
+    s = sub.add_parser("speedrun")
+    s.add_argument("results")
+    s.add_argument("data")
+    s.add_argument("train_out")
+    s.add_argument("eval_out")
+    st = sub.add_parser("steps")
+    st.add_argument("jsonl")
+    st.add_argument("--seconds", type=float, default=270)
+    st.add_argument("--batch", type=int, required=True)
+    st.add_argument("--overhead", type=float, default=0.6)
+    st.add_argument("--min", type=int, default=1000)
+    st.add_argument("--max", type=int, default=20000)
+    a = p.parse_args(argv)
+    if a.what == "steps":
+        print(speedrun_steps(_read_jsonl(Path(a.jsonl)), a.seconds, a.batch, a.overhead, a.min, a.max))
+        return 0
+    if a.what == "train":
+        text = train_section(_read_jsonl(Path(a.jsonl)), a.title)
+    elif a.what == "eval":
+        text = eval_section(Path(a.json))
+    else:
+        text = speedrun_section(Path(a.data), Path(a.train_out), Path(a.eval_out))
+    with open(a.results, "a") as f:
+        f.write("\n" + text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

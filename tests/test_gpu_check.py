@@ -1,0 +1,96 @@
+"""The GPU device check's parts that run anywhere: the speedrun config, the report writer, the packed
+archive (when `make gpu-pack` has run) and the shell script's syntax. The check itself needs a GPU machine
+(`make gpu-check`); `make gpu-check-dry` runs it at toy sizes on a CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from bench.gpu_report import main as report
+from bench.gpu_report import speedrun_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speedrun_config_loads_and_is_the_whole_module():
+    from cluster.config import from_dict, read_yaml
+    from cluster.run import build_plan
+    from eval.config import EvalConfig
+    from pipeline.config import PipelineConfig
+    from train.config import TrainConfig
+    from train.model import TINY_CONFIGS
+
+    raw = read_yaml(ROOT / "configs/speedrun.yaml")
+    build_plan(str(ROOT / "configs/speedrun.yaml"), {})
+    p = from_dict(PipelineConfig, raw["pipeline"], "pipeline")
+    t = from_dict(TrainConfig, raw["train"], "train")
+    e = from_dict(EvalConfig, raw["eval"], "eval")
+    assert p.source == "generate" and p.module == "algebra__linear_1d" and p.tokenizer == "char"
+    assert 3 * p.train_rows_per_regime == 1_999_998 and p.test_rows == 10_000
+    assert t.model in TINY_CONFIGS and t.use_gpu and t.num_workers == 1 and t.data == p.output
+    assert t.micro_batch == t.global_batch_size and t.grad_accum == 1
+    assert t.ckpt_every % t.eval_every == 0 and t.warmup_steps < 1000  # any probed max_steps >= 1000 works
+    assert e.data == p.output and e.model == t.output and e.split == "test" and e.gpus_per_actor == 1
+    assert raw["ray"]["dashboard"] is False  # the GPU image lacks the dashboard's packages
+
+
+def test_speedrun_steps_from_the_probed_rate():
+    probe = [{"samples_per_s": 20_000.0}]
+    # 240 s x 20k rows/s x 0.7 / 512 rows per step = 6562.5 -> rounded down to a multiple of 100
+    assert speedrun_steps(probe, 240, 512, 0.7, 1000, 20000) == 6500
+    assert speedrun_steps(probe, 240, 512, 0.7, 1000, 5000) == 5000          # clamped above
+    assert speedrun_steps([{"samples_per_s": 100.0}], 240, 512, 0.7, 1000, 20000) == 1000  # and below
+    assert speedrun_steps([{"error": "out of memory"}], 240, 512, 0.7, 1000, 20000) == 1000
+
+
+def test_report_sections(tmp_path):
+    res = tmp_path / "R.md"
+    runs = tmp_path / "r.jsonl"
+    row = {"bench": "train_gpu_bench", "device": "NVIDIA H100 80GB HBM3", "model": "google/flan-t5-large",
+           "compile": False, "micro_batch": 256, "shapes": [[40, 4]], "step_ms": 51.2, "samples_per_s": 5000.0,
+           "useful_tokens_per_s": 120000, "mfu_useful": 0.351, "mfu_padded": 0.62, "max_memory_gib": 30.1,
+           "peak_tflops": 989.0, "lengths": "t5"}
+    runs.write_text(json.dumps(row) + "\n" + json.dumps({"model": "m", "micro_batch": 512, "compile": True,
+                                                         "error": "out of memory"}) + "\n")
+    assert report(["train", str(res), str(runs)]) == 0
+    text = res.read_text()
+    assert "| google/flan-t5-large | False | 256 | 40x4 | 51.2 | 5,000 | 120,000 | 35.1% | 62.0% | 30.1 |" in text
+    assert "out of memory" in text and "peak 989.0" in text
+    # Steps that left nothing behind are reported as such, not as a crash.
+    assert report(["eval", str(res), str(tmp_path / "missing.json")]) == 0
+    assert report(["speedrun", str(res), str(tmp_path / "d"), str(tmp_path / "t"), str(tmp_path / "e")]) == 0
+    text = res.read_text()
+    assert text.count("No result: the step failed or timed out") == 1
+    assert "train: no summary.json" in text and "eval: no metrics.json" in text
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "metrics.json").write_text(json.dumps({"exact_match": 0.9612, "f1": 0.97, "rows_scored": 10000,
+                                                             "wall_s": 12.5}))
+    report(["speedrun", str(res), str(tmp_path / "d"), str(tmp_path / "t"), str(tmp_path / "e")])
+    assert "**exact match 96.1%** on 10000 interpolate rows" in res.read_text()
+
+
+def test_gpu_check_script_parses():
+    for script in ("bench/gpu_check.sh", "bench/gpu_pack.sh"):
+        proc = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow  # reads the whole 25 MB xz stream
+@pytest.mark.skipif(not (ROOT / ".gpu/ray.tar.xz").is_file(), reason="make gpu-pack has not run here")
+def test_packed_archive_fits_and_holds_ray():
+    total = sum(f.stat().st_size for f in (ROOT / ".gpu").rglob("*") if f.is_file())
+    assert total < 60 * 2**20, f".gpu is {total / 2**20:.1f} MiB: over what the device tool carries"
+    with tarfile.open(ROOT / ".gpu/ray.tar.xz") as tar:
+        names = set(tar.getnames())
+        assert {"./ray/__init__.py", "./ray/data/__init__.py", "./ray/train/torch/__init__.py"} <= names
+        assert not any(n.startswith(("./ray/jars/", "./ray/rllib/")) for n in names)
+        gcs = tar.getmember("./ray/core/src/ray/gcs/gcs_server")
+        assert gcs.mode & 0o111, "gcs_server lost its exec bit (unzip it, not python -m zipfile)"
+    wheels = sorted(p.name.split("-")[0].lower() for p in (ROOT / ".gpu/wheels").glob("*.whl"))
+    assert {"pydantic", "pydantic_core", "jsonschema", "tensorboardx", "mathematics_dataset"} <= set(wheels)
+    assert len(wheels) == len(set(wheels)), "two versions of one wheel stop pip --no-index"
