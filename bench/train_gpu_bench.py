@@ -43,7 +43,7 @@ def build_model(name: str, device, dropout: float = 0.1):
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from train.model import num_params, untie_lm_head
+    from train.model import untie_lm_head
     from train.plan import architecture, count_params
 
     a = architecture(name)
@@ -54,7 +54,7 @@ def build_model(name: str, device, dropout: float = 0.1):
                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     with torch.device(device):
         model = untie_lm_head(T5ForConditionalGeneration(cfg))
-    n = num_params(model)
+    n = sum(p.numel() for p in model.parameters())
     assert n == count_params(a)[0], f"{name}: built {n} parameters, the planner counts {count_params(a)[0]}"
     if name == "google/flan-t5-large":
         assert n == FLAN_T5_LARGE_PARAMS, f"flan-t5-large must have {FLAN_T5_LARGE_PARAMS} parameters, got {n}"

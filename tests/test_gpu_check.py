@@ -30,7 +30,7 @@ def test_speedrun_config_loads_and_is_the_whole_module():
     p = from_dict(PipelineConfig, raw["pipeline"], "pipeline")
     t = from_dict(TrainConfig, raw["train"], "train")
     e = from_dict(EvalConfig, raw["eval"], "eval")
-    assert p.source == "generate" and p.module == "algebra__linear_1d" and p.tokenizer == "char"
+    assert p.source == "generate" and p.modules == ["algebra__linear_1d"] and p.tokenizer == "char"
     assert 3 * p.train_rows_per_regime == 1_999_998 and p.test_rows == 10_000
     assert t.model in TINY_CONFIGS and t.use_gpu and t.num_workers == 1 and t.data == p.output
     assert t.micro_batch == t.global_batch_size and t.grad_accum == 1
