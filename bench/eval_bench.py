@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A small CPU model: NOTES.md's d_model 128, 2+2 layers (1.2M parameters), the size the CPU demo trains.
+# A small CPU model: d_model 128, 2+2 layers (1.2M parameters), the size the CPU demo trains (t5-tiny).
 CPU_SMALL = dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4)
 
 

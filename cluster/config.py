@@ -33,7 +33,8 @@ class RayConfig:
     """Ray address ("auto", "ray://head:10001", "127.0.0.1:6379"; "local" = start one here). Falls back to $RAY_ADDRESS."""
     num_cpus: int | None = None
     """Logical CPUs of a *local* Ray. Default max(4, cores): on a 2-core box Ray Train workers and Ray Data
-    tasks must both get a CPU slot, or the data feeding the trainer never runs (see shared/NOTES.md)."""
+    tasks must both get a CPU slot, or the data feeding the trainer never runs (measured: with num_cpus=2, a
+    2-worker TorchTrainer fed by a Ray Dataset waits forever on "backpressured: ResourceBudget")."""
     num_gpus: int | None = None
     """GPUs of a local Ray (default: what Ray detects)."""
     object_store_memory_gb: float | None = None

@@ -2,7 +2,7 @@
 
 - No address (or "local") and no $RAY_ADDRESS: start a local Ray. On a small machine its logical CPUs are raised to at
   least 4, because a TorchTrainer whose workers hold every CPU leaves Ray Data none to feed them and the
-  run waits forever (measured on 2 cores, shared/NOTES.md).
+  run waits forever (measured on 2 cores: the dataset's map tasks sit at "1/0 CPU").
 - `--address` / $RAY_ADDRESS (set by `ray job submit` for the driver): connect to that cluster.
 - `require_resources` turns "would wait forever for resources" into a clear error within a bounded time.
 """

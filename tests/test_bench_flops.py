@@ -98,7 +98,7 @@ def test_card_names(name, peak):
 
 
 def test_measured_lengths():
-    """NOTES.md's measurement (1,500 rows per regime): questions 18.1 / 21.5 / 25.0 tokens on average,
+    """Measured with the flan-t5 tokenizer (1,500 rows per regime): questions 18.1 / 21.5 / 25.0 tokens on average,
     answers at most 4. This embedded one (1,000 rows per regime) must agree."""
     for regime, want in [("train-easy", 18.1), ("train-medium", 21.5), ("train-hard", 25.0)]:
         assert abs(mean_length(regime, "question") - want) < 0.4, regime
@@ -118,7 +118,7 @@ def test_eval_bench_rows_have_t5_lengths():
     assert len(ids) == len(labels) == 500
     assert all(16 <= len(x) <= 35 and x[-1] == 1 and 1 not in x[:-1] for x in ids)
     assert all(2 <= len(y) <= 4 and y[-1] == 1 for y in labels)
-    assert 22 < sum(map(len, ids)) / 500 < 27  # interpolate: NOTES.md's hard-regime-like mean, ~24.7
+    assert 22 < sum(map(len, ids)) / 500 < 27  # interpolate: like the hard regime's mean, ~24.7
 
 
 def test_flan_t5_large_builds_untied_with_783m_parameters():

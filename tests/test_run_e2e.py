@@ -1,6 +1,5 @@
 """The end-to-end job as a user runs it (`python -m cluster.run`, a fresh process with its own local
-Ray), on a tiny config: the driver is killed mid-training and the same command rerun resumes (issue 6,
-fault 5); then every stage's output, a third run that skips everything, and no secret leaks."""
+Ray), on a tiny config: the driver is killed mid-training and the same command rerun resumes; then every stage's output, a third run that skips everything, and no secret leaks."""
 
 from __future__ import annotations
 
