@@ -37,7 +37,7 @@ from cluster.config import (
     run_cli,
     set_error_log_dir,
 )
-from cluster.core import ResourceError, write_json_atomic
+from cluster.core import ResourceError, read_json, write_json_atomic
 
 log = logging.getLogger("mathtune.run")
 
@@ -72,7 +72,7 @@ def section_classes() -> dict[str, type]:
 
 
 @dataclasses.dataclass
-class Plan:
+class Job:
     run: RunConfig
     ray: RayConfig
     pipeline: Any
@@ -82,7 +82,7 @@ class Plan:
     root: Path
 
 
-def build_plan(config_path: str, overrides: dict[str, dict[str, Any]] | None = None) -> Plan:
+def build_job(config_path: str, overrides: dict[str, dict[str, Any]] | None = None) -> Job:
     """Validate every section up front, so a typo in `eval:` fails before an hour of training.
 
     `overrides`: {section: {field: value}} from the command line; they win over the file."""
@@ -129,7 +129,7 @@ def build_plan(config_path: str, overrides: dict[str, dict[str, Any]] | None = N
          "output": str(root / "eval-after")},
         "eval",
     )
-    return Plan(run, ray_cfg, pipe, train, before, after, root)
+    return Job(run, ray_cfg, pipe, train, before, after, root)
 
 
 def _local_ray(ray_cfg: RayConfig) -> bool:
@@ -137,7 +137,7 @@ def _local_ray(ray_cfg: RayConfig) -> bool:
     return not address or address == "local"
 
 
-def preflight(plan: Plan) -> None:
+def preflight(job: Job) -> None:
     """Every check that needs no Ray, for every stage, before the first one starts (and with it Ray):
     the outputs are writable, the model and tokenizers resolve, a push has its token, and a local Ray
     can hold what training and eval ask for. The pipeline's own checks (source, tokenizer, output) run
@@ -147,26 +147,26 @@ def preflight(plan: Plan) -> None:
     from cluster.core import check_model_dir, check_writable, is_local_spec, load_tokenizer
     from train.model import TINY_CONFIGS
 
-    check_push(plan.run.push_to_hub)
-    check_writable(plan.root, "run.output_dir")
-    t = plan.train
+    check_push(job.run.push_to_hub)
+    check_writable(job.root, "run.output_dir")
+    t = job.train
     if t.model not in TINY_CONFIGS and is_local_spec(t.model):
         check_model_dir(t.model)
-    for spec in {t.tokenizer, plan.eval_after.tokenizer} - {None}:
+    for spec in {t.tokenizer, job.eval_after.tokenizer} - {None}:
         load_tokenizer(spec)
     check_writable(t.output, "train.output")
     check_writable(t.resolved_storage_path(), "train.storage_path")
-    for e in (plan.eval_before, plan.eval_after) if plan.run.eval_before else (plan.eval_after,):
+    for e in (job.eval_before, job.eval_after) if job.run.eval_before else (job.eval_after,):
         check_writable(e.output, "eval output")
-    if not _local_ray(plan.ray):
+    if not _local_ray(job.ray):
         return  # a cluster's resources are checked when connected (train: require_resources)
-    cpus = plan.ray.num_cpus or local_num_cpus()
+    cpus = job.ray.num_cpus or local_num_cpus()
     need = t.num_workers * t.cpus_per_worker
     if need > cpus:
         raise ResourceError(f"training needs {t.num_workers} workers x {t.cpus_per_worker:g} CPUs = {need:g} CPUs, "
                             f"but the local Ray has {cpus}; lower --train.num-workers / --train.cpus-per-worker "
                             "or raise --ray.num-cpus")
-    e = plan.eval_after
+    e = job.eval_after
     actors = e.num_actors or 1  # eval's default without GPUs
     if actors * e.cpus_per_actor + 1 > cpus:  # the same rule eval applies once Ray is up
         raise ResourceError(f"eval needs {actors} actor(s) x {e.cpus_per_actor:g} CPUs plus a CPU for reading, "
@@ -174,7 +174,7 @@ def preflight(plan: Plan) -> None:
                             "or raise --ray.num-cpus")
     gpus_wanted = t.num_workers if t.use_gpu else 0
     if gpus_wanted or (e.gpus_per_actor or 0) > 0:
-        gpus = plan.ray.num_gpus
+        gpus = job.ray.num_gpus
         if gpus is None:
             import torch
 
@@ -184,66 +184,59 @@ def preflight(plan: Plan) -> None:
                                 f"but this machine has {gpus}; drop them or run on a GPU node")
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def pipeline_done(plan: Plan) -> bool:
+def pipeline_done(job: Job) -> bool:
     """Complete and made from the same pipeline config (a changed row count or tokenizer redoes it)."""
     from cluster.config import to_dict
 
-    m = _read_json(Path(plan.pipeline.output) / "manifest.json")
-    return bool(m and m.get("complete") and m.get("config") == json.loads(json.dumps(to_dict(plan.pipeline))))
+    m = read_json(Path(job.pipeline.output) / "manifest.json")
+    return bool(m and m.get("complete") and m.get("config") == json.loads(json.dumps(to_dict(job.pipeline))))
 
 
-def train_done(plan: Plan) -> bool:
+def train_done(job: Job) -> bool:
     """Finished for this model and step budget. A larger max_steps re-enters training, which resumes from
     the run's latest checkpoint (same run_name + storage_path) rather than starting over."""
-    s = _read_json(Path(plan.train.output) / "summary.json")
-    if not s or not (Path(plan.train.output) / "final" / "config.json").is_file():
+    s = read_json(Path(job.train.output) / "summary.json")
+    if not s or not (Path(job.train.output) / "final" / "config.json").is_file():
         return False
-    same_budget = plan.train.max_steps is None or s.get("max_steps") == plan.train.max_steps
-    return s.get("model") == plan.train.model and same_budget and s.get("steps") == s.get("max_steps")
+    same_budget = job.train.max_steps is None or s.get("max_steps") == job.train.max_steps
+    return s.get("model") == job.train.model and same_budget and s.get("steps") == s.get("max_steps")
 
 
 def eval_done(cfg) -> bool:
     return (Path(cfg.output) / "metrics.json").is_file()
 
 
-def base_model(plan: Plan):
+def base_model(job: Job):
     """The eval-before config: a checkpoint (hub id / path) is scored as is; a from-scratch tiny model is
     built with the run's seed and saved like any model dir, so eval has one code path."""
     from train.model import TINY_CONFIGS
 
-    spec = plan.train.model
+    spec = job.train.model
     if spec not in TINY_CONFIGS:
-        return dataclasses.replace(plan.eval_before, model=spec)
+        return dataclasses.replace(job.eval_before, model=spec)
     import torch
     from transformers import AutoTokenizer
 
     from train.model import build_model
 
-    dest = Path(plan.eval_before.model)
-    tok = AutoTokenizer.from_pretrained(plan.train.tokenizer or str(Path(plan.pipeline.output) / "tokenizer"))
-    torch.manual_seed(plan.train.seed)
+    dest = Path(job.eval_before.model)
+    tok = AutoTokenizer.from_pretrained(job.train.tokenizer or str(Path(job.pipeline.output) / "tokenizer"))
+    torch.manual_seed(job.train.seed)
     model = build_model(spec, len(tok), tok.pad_token_id, tok.eos_token_id)
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
-    return plan.eval_before
+    return job.eval_before
 
 
-def run(plan: Plan) -> dict[str, Any]:
+def run(job: Job) -> dict[str, Any]:
     import eval as eval_stage
     import pipeline as pipeline_stage
     import train as train_stage
 
     # No init_ray here: each stage checks its own inputs first and starts (or reuses) Ray itself, so a bad
     # source fails before Ray starts; preflight has already checked what later stages need.
-    preflight(plan)
-    force = plan.run.force
+    preflight(job)
+    force = job.run.force
     timings: dict[str, float] = {}
 
     def stage(name: str, done: bool, fn, outputs: str):
@@ -257,57 +250,57 @@ def run(plan: Plan) -> dict[str, Any]:
         print(f"[run] {name}: done in {timings[name]:.1f}s -> {outputs}", flush=True)
         return out
 
-    stage("pipeline", pipeline_done(plan), lambda: pipeline_stage.run(plan.pipeline, plan.ray), plan.pipeline.output)
-    if plan.run.eval_before:
+    stage("pipeline", pipeline_done(job), lambda: pipeline_stage.run(job.pipeline, job.ray), job.pipeline.output)
+    if job.run.eval_before:
         # The untrained model, saved like any other model dir, so eval has one code path.
-        stage("eval-before", eval_done(plan.eval_before), lambda: eval_stage.run(base_model(plan), plan.ray),
-              plan.eval_before.output)
-    trained = stage("train", train_done(plan), lambda: train_stage.run(plan.train, plan.ray),
-                    str(Path(plan.train.output) / "final")) is not None
+        stage("eval-before", eval_done(job.eval_before), lambda: eval_stage.run(base_model(job), job.ray),
+              job.eval_before.output)
+    trained = stage("train", train_done(job), lambda: train_stage.run(job.train, job.ray),
+                    str(Path(job.train.output) / "final")) is not None
     # A model trained (or trained further) in this invocation makes any earlier eval-after stale.
-    stage("eval-after", eval_done(plan.eval_after) and not trained, lambda: eval_stage.run(plan.eval_after, plan.ray),
-          plan.eval_after.output)
-    card = write_model_card(plan)
-    summary = collect_summary(plan, timings)
+    stage("eval-after", eval_done(job.eval_after) and not trained, lambda: eval_stage.run(job.eval_after, job.ray),
+          job.eval_after.output)
+    card = write_model_card(job)
+    summary = collect_summary(job, timings)
     summary["outputs"]["model_card"] = str(card)
-    write_json_atomic(plan.root / "run_summary.json", summary)
+    write_json_atomic(job.root / "run_summary.json", summary)
     print(format_summary(summary), flush=True)
-    if plan.run.push_to_hub:
+    if job.run.push_to_hub:
         from cluster.card import push_model
 
-        push_model(Path(plan.train.output) / "final", plan.run.push_to_hub)
+        push_model(Path(job.train.output) / "final", job.run.push_to_hub)
     return summary
 
 
-def write_model_card(plan: Plan) -> Path:
+def write_model_card(job: Job) -> Path:
     """<train>/final/README.md with the before/after test metrics of this run (when measured)."""
     from cluster.card import write_card
     from cluster.config import to_dict
 
-    before = _read_json(Path(plan.eval_before.output) / "metrics.json") if plan.run.eval_before else None
-    after = _read_json(Path(plan.eval_after.output) / "metrics.json")
-    return write_card(Path(plan.train.output) / "final", to_dict(plan.train), before, after, name=plan.root.name)
+    before = read_json(Path(job.eval_before.output) / "metrics.json") if job.run.eval_before else None
+    after = read_json(Path(job.eval_after.output) / "metrics.json")
+    return write_card(Path(job.train.output) / "final", to_dict(job.train), before, after, name=job.root.name)
 
 
-def collect_summary(plan: Plan, timings: dict[str, float]) -> dict[str, Any]:
-    manifest = _read_json(Path(plan.pipeline.output) / "manifest.json") or {}
-    train = _read_json(Path(plan.train.output) / "summary.json") or {}
-    before = _read_json(Path(plan.eval_before.output) / "metrics.json") if plan.run.eval_before else None
-    after = _read_json(Path(plan.eval_after.output) / "metrics.json") or {}
+def collect_summary(job: Job, timings: dict[str, float]) -> dict[str, Any]:
+    manifest = read_json(Path(job.pipeline.output) / "manifest.json") or {}
+    train = read_json(Path(job.train.output) / "summary.json") or {}
+    before = read_json(Path(job.eval_before.output) / "metrics.json") if job.run.eval_before else None
+    after = read_json(Path(job.eval_after.output) / "metrics.json") or {}
     return {
-        "root": str(plan.root),
+        "root": str(job.root),
         "stage_seconds": timings,
         "rows": {k: manifest.get(k) for k in ("rows_in", "rows_kept", "rows_rejected")},
         "train": {k: train.get(k) for k in ("steps", "samples", "wall_time_s", "samples_per_s")},
         "eval_before": before,
         "eval_after": after,
         "outputs": {
-            "logs": str(plan.root / "logs"),
-            "data": plan.pipeline.output,
-            "model": str(Path(plan.train.output) / "final"),
-            "train_summary": str(Path(plan.train.output) / "summary.json"),
-            "eval_before": plan.eval_before.output if plan.run.eval_before else None,
-            "eval_after": plan.eval_after.output,
+            "logs": str(job.root / "logs"),
+            "data": job.pipeline.output,
+            "model": str(Path(job.train.output) / "final"),
+            "train_summary": str(Path(job.train.output) / "summary.json"),
+            "eval_before": job.eval_before.output if job.run.eval_before else None,
+            "eval_after": job.eval_after.output,
         },
     }
 
@@ -368,12 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     config = args.pop("config")
     overrides = parse_overrides(args)
-    # Until the plan is built (it may be the error), tracebacks go where its root will most likely be.
+    # Until the job is built (it may be the error), tracebacks go where its root will most likely be.
     set_error_log_dir(Path(overrides.get("run", {}).get("output_dir") or Path("outputs") / Path(config).stem) / "logs")
-    plan = build_plan(config, overrides)
-    set_error_log_dir(plan.root / "logs")  # tracebacks of any later error: <run>/logs/error-*.log
+    job = build_job(config, overrides)
+    set_error_log_dir(job.root / "logs")  # tracebacks of any later error: <run>/logs/error-*.log
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    run(plan)
+    run(job)
     return 0
 
 

@@ -152,7 +152,7 @@ class PipelineConfig:
 
 
     def module_list(self) -> list[str]:
-        """The modules named, `all` expanded to the generator's (for a file source: see sources.plan)."""
+        """The modules named, `all` expanded to the generator's (for a file source: see sources.find_units)."""
         return list(MODULES) if self.modules == ["all"] else list(self.modules)
 
     def train_rows(self, module: str) -> int:

@@ -1,7 +1,7 @@
-"""The pipeline stage end to end: plan the source, read + clean + validate in Ray tasks, tokenize in a
+"""The pipeline stage end to end: find the source's read units, read + clean + validate in Ray tasks, tokenize in a
 Ray Data actor pool, and stream the ordered result to Parquet on the driver.
 
-    plan (driver)  ->  read_unit + prepare_text (tasks)  ->  TokenizeBatch (actors)  ->  write (driver)
+    find_units (driver)  ->  read_unit + prepare_text (tasks)  ->  TokenizeBatch (actors)  ->  write (driver)
 
 Why the writes happen on the driver: it sees the rows in a deterministic order (preserve_order), so it
 can shuffle train/validation with a seeded bucket shuffle and cut files at fixed row counts
@@ -42,7 +42,7 @@ from cluster.core import (
 from cluster.storage import require_shared_storage
 from pipeline.config import MAX_VALIDATION_SHARE, PipelineConfig
 from pipeline.generate import WORKER_ENV
-from pipeline.sources import SPLITS, ReadUnit, plan, read_unit
+from pipeline.sources import SPLITS, ReadUnit, find_units, read_unit
 from pipeline.tokenize_step import TokenizeBatch
 from pipeline.validate import REASONS, prepare_text
 from pipeline.write import (
@@ -70,7 +70,7 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {cfg.tokenizer!r} has no eos token; T5-style targets need one")
-    units, source_info = plan(cfg)
+    units, source_info = find_units(cfg)
     fraction = validation_fraction(cfg, units)
     buckets = shuffle_buckets(units)
     out = prepare_output(Path(cfg.output))
@@ -183,7 +183,7 @@ def ordered_execution():
 
 def shuffle_buckets(units: list[ReadUnit]) -> int:
     """Spill buckets of the train/validation shuffle: enough that one bucket (read back whole at close)
-    holds about SHUFFLE_BUCKET_ROWS rows (at most MAX_SHUFFLE_BUCKETS). Counted from the plan (files without a cheap row count are
+    holds about SHUFFLE_BUCKET_ROWS rows (at most MAX_SHUFFLE_BUCKETS). Counted from the read units (files without a cheap row count are
     estimated from their size), so it is part of the config's identity like rows_per_file."""
     rows = 0
     for u in units:

@@ -132,10 +132,10 @@ def _ext(path: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Planning: source spec -> read units
 
-def plan(cfg: PipelineConfig) -> tuple[list[ReadUnit], dict]:
+def find_units(cfg: PipelineConfig) -> tuple[list[ReadUnit], dict]:
     """The read units of cfg.source, and facts about the source for the manifest."""
     if cfg.source == "generate":
-        return plan_generate(cfg), {"kind": "generate", "modules": cfg.module_list()}
+        return generate_units(cfg), {"kind": "generate", "modules": cfg.module_list()}
     wanted = None if cfg.modules == ["all"] else set(cfg.modules)
     specs = [cfg.source]
     if cfg.source.startswith("hf:") and not cfg.source.startswith("hf://"):
@@ -176,7 +176,7 @@ def _module_in_path(parts: list[str], kind: str | None) -> str | None:
     return None
 
 
-def plan_generate(cfg: PipelineConfig) -> list[ReadUnit]:
+def generate_units(cfg: PipelineConfig) -> list[ReadUnit]:
     """Shards of every (module, regime): the train regimes at the module's weight, then its test sets
     (interpolate; extrapolate where the generator has one, sampled from the extrapolation module)."""
     units = []

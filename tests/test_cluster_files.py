@@ -440,9 +440,14 @@ def test_kuberay_pods_run_the_project_image():
 # Each cluster file x each shipped GPU config: can this cluster serve this config as written?
 
 
+# One-machine GPU configs, not cluster jobs: the speedrun is what `make gpu-check` runs on a single lent
+# GPU node (bench/gpu_check.sh), with its outputs on that node's disk.
+ONE_MACHINE_CONFIGS = {"speedrun.yaml"}
+
+
 def gpu_configs() -> list[Path]:
     found = [p for p in sorted((ROOT / "configs").glob("*.yaml"))
-             if (yaml.safe_load(p.read_text()).get("train") or {}).get("use_gpu")]
+             if (yaml.safe_load(p.read_text()).get("train") or {}).get("use_gpu") and p.name not in ONE_MACHINE_CONFIGS]
     assert found, "no shipped GPU config"
     return found
 
@@ -472,19 +477,19 @@ def gpu_node_types(name: str, config: dict | None = None) -> list[dict]:
     return out
 
 
-def job_plan(config: Path):
+def end_to_end_job(config: Path):
     """The paths and settings the end-to-end job (python -m cluster.run) really uses for this config."""
-    from cluster.run import build_plan
+    from cluster.run import build_job
 
-    return build_plan(str(config), {})
+    return build_job(str(config), {})
 
 
 def capacity_problems(name: str, config: Path, cluster: dict | None = None) -> list[str]:
     """Why this cluster cannot serve this config as written (empty: it can)."""
     from train.plan import GPUS, NODE_TYPES, estimate
 
-    plan = job_plan(config)
-    train, ev = plan.train, plan.eval_after
+    job = end_to_end_job(config)
+    train, ev = job.train, job.eval_after
     types = gpu_node_types(name, cluster)
     if not types:
         return [f"{name}: no GPU node type"]
@@ -582,21 +587,21 @@ def test_every_node_reaches_the_configs_storage(name, config):
 
     mounts = [Mount("/", "overlay")] + [Mount(p, "nfs4") for p in shared_mounts(name)]
     assert len(mounts) > 1, f"{name} mounts no shared filesystem on every node"
-    plan = job_plan(config)
+    job = end_to_end_job(config)
     # What workers read or write in the job: the same keys the stages check at run time (cluster/storage.py).
     paths = {
-        "pipeline.output": (plan.pipeline.output, False),
-        "train.data": (plan.train.data, False),
-        "train.output": (plan.train.output, False),
-        "train.storage_path": (plan.train.resolved_storage_path(), True),
-        "eval.data": (plan.eval_after.data, False),
-        "eval.model": (plan.eval_after.model, False),
+        "pipeline.output": (job.pipeline.output, False),
+        "train.data": (job.train.data, False),
+        "train.output": (job.train.output, False),
+        "train.storage_path": (job.train.resolved_storage_path(), True),
+        "eval.data": (job.eval_after.data, False),
+        "eval.model": (job.eval_after.model, False),
     }
     problems = [p for what, (path, uri_ok) in paths.items()
-                if (p := local_path_problem(what, path, mounts, plan.ray.shared_paths, uri_ok))]
+                if (p := local_path_problem(what, path, mounts, job.ray.shared_paths, uri_ok))]
     assert not problems, f"{name} x {config.name}: {problems}"
     # Checkpoints on object storage: the nodes need credentials for it.
-    storage = plan.train.resolved_storage_path()
+    storage = job.train.resolved_storage_path()
     assert re.match(r"(s3|gs)://", storage), f"checkpoints belong on object storage, got {storage}"
     assert cloud_credentials(name), f"{name}: not every node can write {storage}"
 

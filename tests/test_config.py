@@ -79,13 +79,13 @@ def test_every_stage_help_lists_its_options(stage):
 def test_every_shipped_config_loads():
     from pathlib import Path
 
-    from cluster.run import build_plan
+    from cluster.run import build_job
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert len(configs) >= 2
     for path in configs:
         assert path.read_text().lstrip().startswith("#"), f"{path.name} must open with the command that runs it"
-        build_plan(str(path), {})
+        build_job(str(path), {})
 
 
 @pytest.mark.parametrize("address", [None, "local"])

@@ -19,14 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_speedrun_config_loads_and_is_the_whole_module():
     from cluster.config import from_dict, read_yaml
-    from cluster.run import build_plan
+    from cluster.run import build_job
     from eval.config import EvalConfig
     from pipeline.config import PipelineConfig
     from train.config import TrainConfig
     from train.model import TINY_CONFIGS
 
     raw = read_yaml(ROOT / "configs/speedrun.yaml")
-    build_plan(str(ROOT / "configs/speedrun.yaml"), {})
+    build_job(str(ROOT / "configs/speedrun.yaml"), {})
     p = from_dict(PipelineConfig, raw["pipeline"], "pipeline")
     t = from_dict(TrainConfig, raw["train"], "train")
     e = from_dict(EvalConfig, raw["eval"], "eval")

@@ -1,4 +1,4 @@
-"""Each source format from tiny fixtures made here, and each bad input's message. No Ray: plan() and
+"""Each source format from tiny fixtures made here, and each bad input's message. No Ray: find_units() and
 read_unit() are what the Ray tasks call."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import PipelineConfig
-from pipeline.sources import SourceError, plan, read_unit, split_of_name
+from pipeline.sources import SourceError, find_units, read_unit, split_of_name
 from pipeline.validate import prepare_text
 
 ROWS = [("Solve 2*x = 4 for x.", "2"), ("Solve -y = 3 for y.", "-3"), ("Solve 5*z + 5 = 0 for z.", "-1")]
 
 
 def read_all(source, **kw) -> pa.Table:
-    units, _ = plan(PipelineConfig(source=str(source), **kw))
+    units, _ = find_units(PipelineConfig(source=str(source), **kw))
     tables = [prepare_text(t, max_chars=2000) for u in units for t in read_unit(u, 2)]
     return pa.concat_tables(tables)
 
@@ -58,7 +58,7 @@ def test_parquet_file_is_read_in_row_ranges(tmp_path, monkeypatch, row_group_siz
     questions = [f"Solve {i}*x = 0 for x." for i in range(23)]
     pq.write_table(pa.table({"question": questions, "answer": ["0"] * 23}), tmp_path / "train-00000.parquet",
                    row_group_size=row_group_size)
-    units, _ = plan(PipelineConfig(source=str(tmp_path / "train-00000.parquet")))
+    units, _ = find_units(PipelineConfig(source=str(tmp_path / "train-00000.parquet")))
     assert [u.rows for u in units] == [5, 5, 5, 5, 3]
     t = pa.concat_tables([t for u in units for t in read_unit(u, batch_rows)])
     assert t["question"].to_pylist() == questions  # every row exactly once, in order
@@ -99,7 +99,7 @@ def test_v1_layout_odd_count_and_non_utf8(tmp_path):
     assert by_q["Solve caf\\xe9 = 1 for c."]["reject"] == "not_utf8"
     assert by_q["Solve q = 1 for q."]["reject"] == "unpaired_line"
     assert by_q["Solve 5*z + 5 = 0 for z."]["split"] == "test"
-    _, info = plan(PipelineConfig(source=str(tmp_path)))
+    _, info = find_units(PipelineConfig(source=str(tmp_path)))
     assert info["ignored_files"] == 1
 
 
@@ -123,7 +123,7 @@ def test_v1_text_outside_a_regime_folder_is_an_error(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "algebra__linear_1d.txt").write_text("q\n1\n")
     with pytest.raises(SourceError, match="regime folder"):
-        plan(PipelineConfig(source=str(tmp_path)))
+        find_units(PipelineConfig(source=str(tmp_path)))
 
 
 # ---- bad inputs: specific, actionable messages ------------------------------------------------------
@@ -136,51 +136,51 @@ def test_corrupt_and_truncated_parquet(tmp_path):
     (tmp_path / "trunc").mkdir()
     (tmp_path / "trunc" / "train.parquet").write_bytes(data[: len(data) // 2])
     with pytest.raises(SourceError, match=r"train\.parquet: not a readable parquet file .*truncated or corrupt"):
-        plan(PipelineConfig(source=str(tmp_path / "trunc")))
+        find_units(PipelineConfig(source=str(tmp_path / "trunc")))
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "train.parquet").write_bytes(b"PAR1 this is not parquet at all")
     with pytest.raises(SourceError, match="truncated or corrupt"):
-        plan(PipelineConfig(source=str(tmp_path / "garbage")))
+        find_units(PipelineConfig(source=str(tmp_path / "garbage")))
 
 
 def test_missing_misnamed_and_mistyped_columns(tmp_path):
     pq.write_table(pa.table({"problem": ["q"], "answer": ["1"]}), tmp_path / "train.parquet")
     with pytest.raises(SourceError, match=r"missing column\(s\) \['question'\]; it has \['problem', 'answer'\]"):
-        plan(PipelineConfig(source=str(tmp_path / "train.parquet")))
+        find_units(PipelineConfig(source=str(tmp_path / "train.parquet")))
     pq.write_table(pa.table({"question": ["q"], "answer": [1]}), tmp_path / "test.parquet")
     with pytest.raises(SourceError, match="column `answer` has type int64; expected strings"):
-        plan(PipelineConfig(source=str(tmp_path / "test.parquet")))
+        find_units(PipelineConfig(source=str(tmp_path / "test.parquet")))
     (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "answer": 7}) + "\n")
     with pytest.raises(SourceError, match="field `answer` holds int values"):
-        plan(PipelineConfig(source=str(tmp_path / "train.jsonl")))
+        find_units(PipelineConfig(source=str(tmp_path / "train.jsonl")))
     (tmp_path / "j").mkdir()
     (tmp_path / "j" / "train.jsonl").write_text(json.dumps({"q": "x", "a": "1"}) + "\n")
     with pytest.raises(SourceError, match=r"missing field\(s\) \['question', 'answer'\]; it has \['a', 'q'\]"):
-        plan(PipelineConfig(source=str(tmp_path / "j")))
+        find_units(PipelineConfig(source=str(tmp_path / "j")))
 
 
 def test_unknown_split_and_bad_split_values(tmp_path):
     pq.write_table(pa.table({"question": ["q"], "answer": ["1"]}), tmp_path / "data.parquet")
     with pytest.raises(SourceError, match="cannot tell its split"):
-        plan(PipelineConfig(source=str(tmp_path / "data.parquet")))
+        find_units(PipelineConfig(source=str(tmp_path / "data.parquet")))
     pq.write_table(pa.table({"question": ["q"], "answer": ["1"], "split": ["holdout"]}), tmp_path / "data.parquet")
-    units, _ = plan(PipelineConfig(source=str(tmp_path / "data.parquet")))
+    units, _ = find_units(PipelineConfig(source=str(tmp_path / "data.parquet")))
     with pytest.raises(SourceError, match=r"`split` column holds \['holdout'\]"):
         list(read_unit(units[0], 10))
 
 
 def test_empty_and_missing_sources(tmp_path):
     with pytest.raises(SourceError, match="source not found"):
-        plan(PipelineConfig(source=str(tmp_path / "nope")))
+        find_units(PipelineConfig(source=str(tmp_path / "nope")))
     (tmp_path / "README.md").write_text("no data here")
     with pytest.raises(SourceError, match="no data files under"):
-        plan(PipelineConfig(source=str(tmp_path)))
+        find_units(PipelineConfig(source=str(tmp_path)))
 
 
 def test_hub_source_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceError, match="not reachable.*--source generate.*v1.0 release layout"):
-        plan(PipelineConfig(source="hf:deepmind/math_dataset"))
+        find_units(PipelineConfig(source="hf:deepmind/math_dataset"))
 
 
 def test_several_modules_from_v1_layout_and_hub_layout(tmp_path):
@@ -199,7 +199,7 @@ def test_several_modules_from_v1_layout_and_hub_layout(tmp_path):
                     ("arithmetic__add_or_sub", "interpolate", "test", "1.5", None),
                     ("numbers__is_prime", "train-easy", "train", "True", None),
                     ("numbers__is_prime", "train-easy", "train", "maybe", "answer_form")]  # its own form
-    _, info = plan(PipelineConfig(source=str(v1), modules=["all"]))
+    _, info = find_units(PipelineConfig(source=str(v1), modules=["all"]))
     assert info["modules"] == ["algebra__linear_1d", "arithmetic__add_or_sub", "numbers__gcd", "numbers__is_prime"]
 
     # hub layout: <module>/<split>/0000.parquet; and a file without a module in its name needs a module column
@@ -214,7 +214,7 @@ def test_several_modules_from_v1_layout_and_hub_layout(tmp_path):
     (tmp_path / "mixed").mkdir()
     pq.write_table(pa.table({"question": ["q"], "answer": ["1"]}), tmp_path / "mixed" / "train.parquet")
     with pytest.raises(SourceError, match="cannot tell which module"):
-        plan(PipelineConfig(source=str(tmp_path / "mixed"), modules=["algebra__linear_1d", "numbers__gcd"]))
+        find_units(PipelineConfig(source=str(tmp_path / "mixed"), modules=["algebra__linear_1d", "numbers__gcd"]))
     pq.write_table(pa.table({"question": ["q", "r"], "answer": ["1", "True"],
                              "module": ["algebra__linear_1d", "numbers__is_prime"]}), tmp_path / "mixed" / "train.parquet")
     t = read_all(tmp_path / "mixed", modules=["algebra__linear_1d", "numbers__gcd"])

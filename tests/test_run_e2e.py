@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.config import ConfigError
-from cluster.run import build_plan, format_summary
+from cluster.run import build_job, format_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import committed_checkpoints, read_metrics, wait_for  # noqa: E402
@@ -130,20 +130,20 @@ def test_end_to_end_job_driver_kill_resume_outputs_and_no_token_leak(tmp_path):
     assert FAKE_TOKEN not in log1 + log2 + log3
 
 
-def test_plan_rejects_unknown_sections_and_bad_keys(tmp_path):
+def test_job_rejects_unknown_sections_and_bad_keys(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trian:\n  lr: 1\n")
     with pytest.raises(ConfigError, match=r"unknown section\(s\) \['trian'\]"):
-        build_plan(str(bad), {})
+        build_job(str(bad), {})
     bad.write_text("eval:\n  batch_size: 0\n")
     with pytest.raises(ConfigError, match="eval.batch_size"):
-        build_plan(str(bad), {})
+        build_job(str(bad), {})
 
 
-def test_plan_puts_every_output_under_one_root(tmp_path):
-    plan = build_plan(str(ROOT / "configs" / "demo.yaml"), {"run": {"output_dir": str(tmp_path)}})
-    assert plan.pipeline.output == plan.train.data == plan.eval_after.data == str(tmp_path / "data")
-    assert plan.eval_after.model == str(tmp_path / "train" / "final")
+def test_job_puts_every_output_under_one_root(tmp_path):
+    job = build_job(str(ROOT / "configs" / "demo.yaml"), {"run": {"output_dir": str(tmp_path)}})
+    assert job.pipeline.output == job.train.data == job.eval_after.data == str(tmp_path / "data")
+    assert job.eval_after.model == str(tmp_path / "train" / "final")
     text = format_summary({
         "root": str(tmp_path), "rows": {"rows_in": 3, "rows_kept": 2, "rows_rejected": 1},
         "train": {"steps": 5, "samples": 80, "wall_time_s": 10.0, "samples_per_s": 8.0},
@@ -156,27 +156,27 @@ def test_plan_puts_every_output_under_one_root(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # The front door: every option as --<section>.<field>, one error line for any user error, the model card.
 
-def _plan_from_argv(argv: list[str]):
+def _job_from_argv(argv: list[str]):
     from cluster.run import build_parser, parse_overrides
 
     args = vars(build_parser().parse_args(argv))
-    return build_plan(args.pop("config"), parse_overrides(args))
+    return build_job(args.pop("config"), parse_overrides(args))
 
 
 def test_prefixed_flags_override_the_file_and_are_typed(tmp_path):
     demo = str(ROOT / "configs" / "demo.yaml")
-    plan = _plan_from_argv([
+    job = _job_from_argv([
         "--config", demo, "--train.max-steps", "40", "--train.warmup_steps", "5", "--pipeline.source", "/data/x",
         "--eval.max-rows", "100", "--ray.num-cpus", "8", "--no-train.use-gpu", "--run.output-dir", str(tmp_path),
         "--force",
     ])
-    assert plan.train.max_steps == 40 and plan.train.warmup_steps == 5  # the file says 300 and 30
-    assert plan.train.lr == 3.0e-3 and plan.train.model == "t5-tiny"  # untouched fields keep the file's values
-    assert plan.pipeline.source == "/data/x" and plan.pipeline.train_rows_per_regime == 20000
-    assert plan.eval_after.max_rows == plan.eval_before.max_rows == 100 and plan.eval_after.batch_size == 64
-    assert plan.ray.num_cpus == 8 and plan.ray.object_store_memory_gb == 2
-    assert plan.run.force is True and plan.root == tmp_path
-    assert plan.train.output == str(tmp_path / "train")  # the job's wiring is unchanged by flags
+    assert job.train.max_steps == 40 and job.train.warmup_steps == 5  # the file says 300 and 30
+    assert job.train.lr == 3.0e-3 and job.train.model == "t5-tiny"  # untouched fields keep the file's values
+    assert job.pipeline.source == "/data/x" and job.pipeline.train_rows_per_regime == 20000
+    assert job.eval_after.max_rows == job.eval_before.max_rows == 100 and job.eval_after.batch_size == 64
+    assert job.ray.num_cpus == 8 and job.ray.object_store_memory_gb == 2
+    assert job.run.force is True and job.root == tmp_path
+    assert job.train.output == str(tmp_path / "train")  # the job's wiring is unchanged by flags
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -281,21 +281,21 @@ def test_model_card_carries_the_metrics_and_parses(tmp_path):
 
     from cluster.run import write_model_card
 
-    plan = build_plan(str(ROOT / "configs" / "demo.yaml"), {"run": {"output_dir": str(tmp_path)}})
-    final = Path(plan.train.output) / "final"
+    job = build_job(str(ROOT / "configs" / "demo.yaml"), {"run": {"output_dir": str(tmp_path)}})
+    final = Path(job.train.output) / "final"
     final.mkdir(parents=True)
     (final / "config.json").write_text("{}")
-    (Path(plan.train.output) / "summary.json").write_text(json.dumps({"steps": 300, "samples": 38400,
+    (Path(job.train.output) / "summary.json").write_text(json.dumps({"steps": 300, "samples": 38400,
                                                                       "best": {"step": 250}}))
-    Path(plan.pipeline.output).mkdir(parents=True)
-    (Path(plan.pipeline.output) / "manifest.json").write_text(json.dumps({
+    Path(job.pipeline.output).mkdir(parents=True)
+    (Path(job.pipeline.output) / "manifest.json").write_text(json.dumps({
         "config": {"module": "algebra__linear_1d", "source": "generate"}, "rows_in": 62000, "rows_kept": 61990,
         "rows_rejected": 10, "tokenizer": {"spec": "char"}}))
     for stage, em, f1 in (("eval-before", 0.0, 0.0145), ("eval-after", 0.012, 0.2909)):
         Path(tmp_path / stage).mkdir()
         (tmp_path / stage / "metrics.json").write_text(json.dumps({"exact_match": em, "f1": f1, "split": "test"}))
 
-    card = ModelCard.load(write_model_card(plan))
+    card = ModelCard.load(write_model_card(job))
     assert card.data.datasets == ["deepmind/math_dataset"] and card.data.base_model is None  # from scratch
     results = {(r.metric_type, r.metric_config): r.metric_value for r in card.data.eval_results}
     assert results == {("exact_match", "after"): 0.012, ("f1", "after"): 0.2909,
@@ -306,8 +306,8 @@ def test_model_card_carries_the_metrics_and_parses(tmp_path):
     assert "| after training | 1.20% | 29.09% |" in card.text
 
     # A hub checkpoint is named as the base model (the hub links the two).
-    plan.train.model = "google/flan-t5-small"
-    assert ModelCard.load(write_model_card(plan)).data.base_model == "google/flan-t5-small"
+    job.train.model = "google/flan-t5-small"
+    assert ModelCard.load(write_model_card(job)).data.base_model == "google/flan-t5-small"
 
 
 def test_push_to_hub_refuses_without_token_before_any_work(tmp_path, monkeypatch):
