@@ -27,8 +27,9 @@ run:
 ray:
   object_store_memory_gb: 1
 pipeline:
-  train_rows_per_regime: 200
-  test_rows: 40
+  modules: [algebra__linear_1d, numbers__is_prime, arithmetic__add_or_sub]  # a 3-module mixture
+  train_rows_per_regime: 100     # per module
+  test_rows: 40                  # interpolate, per module; add_or_sub also gets 40 extrapolate rows
   rows_per_shard: 100
   validation_size: 24
 train:
@@ -99,13 +100,21 @@ def test_end_to_end_job_driver_kill_resume_outputs_and_no_token_leak(tmp_path):
 
     summary = json.loads((out / "run_summary.json").read_text())
     manifest = json.loads((out / "data" / "manifest.json").read_text())
-    assert manifest["rows_in"] == 640 == manifest["rows_kept"] + manifest["rows_rejected"]
+    assert manifest["rows_in"] == 3 * 3 * 100 + 3 * 40 + 40 == manifest["rows_kept"] + manifest["rows_rejected"]
     assert summary["train"]["steps"] == 24 and summary["train"]["samples"] == 24 * 16
     test_rows = pq.read_table(out / "data" / "test").num_rows
     for stage in ("eval-before", "eval-after"):
         preds = pq.read_table(out / stage / "predictions.parquet")
         assert preds.num_rows == test_rows  # every test row scored once, before and after training
     assert (train_out / "final" / "model.safetensors").is_file()
+    # The mixture is scored per module x regime (metrics, report table, plot), extrapolation included.
+    modules = {"algebra__linear_1d", "numbers__is_prime", "arithmetic__add_or_sub"}
+    after = json.loads((out / "eval-after" / "metrics.json").read_text())
+    assert set(after["by_module"]) == modules and sum(m["n"] for m in after["by_module"].values()) == test_rows
+    assert set(after["by_module"]["arithmetic__add_or_sub"]["by_regime"]) == {"interpolate", "extrapolate"}
+    report = (out / "eval-after" / "report.md").read_text()
+    assert "## By module and regime" in report and all(f"| **{m}** |" in report for m in modules)
+    assert (out / "eval-after" / "accuracy_by_module.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "exact match" in log2 and str(train_out / "final") in log2
 
     # A console a person reads: no per-report chatter, no progress-bar escape codes from workers, Ray Data's
