@@ -260,6 +260,8 @@ def run(job: Job) -> dict[str, Any]:
     # A model trained (or trained further) in this invocation makes any earlier eval-after stale.
     stage("eval-after", eval_done(job.eval_after) and not trained, lambda: eval_stage.run(job.eval_after, job.ray),
           job.eval_after.output)
+    if "eval-after" in timings:  # scored in this invocation: put the test metrics beside training's curves
+        track_eval_metrics(job)
     card = write_model_card(job)
     summary = collect_summary(job, timings)
     summary["outputs"]["model_card"] = str(card)
@@ -270,6 +272,26 @@ def run(job: Job) -> dict[str, Any]:
 
         push_model(Path(job.train.output) / "final", job.run.push_to_hub)
     return summary
+
+
+def track_eval_metrics(job: Job) -> None:
+    """The test-set metrics of eval-before (at step 0) and eval-after (at the final step) into the training
+    run's trackers (TensorBoard under <train>/tensorboard, MLflow when configured), overall and per regime."""
+    from train.tracking import make_tracker
+
+    final_step = (read_json(Path(job.train.output) / "summary.json") or {}).get("steps", 0)
+    tracker = make_tracker(job.train, rank=0)
+    try:
+        for name, cfg, step in (("eval_before", job.eval_before, 0), ("eval_after", job.eval_after, final_step)):
+            m = read_json(Path(cfg.output) / "metrics.json") if name == "eval_after" or job.run.eval_before else None
+            if not m:
+                continue
+            values = {f"{name}/exact_match": m["exact_match"], f"{name}/f1": m["f1"]}
+            for regime, r in (m.get("by_regime") or {}).items():
+                values[f"{name}/exact_match/{regime}"] = r["exact_match"]
+            tracker.log_metrics(values, step)
+    finally:
+        tracker.close()
 
 
 def write_model_card(job: Job) -> Path:

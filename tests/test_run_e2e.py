@@ -16,7 +16,7 @@ from cluster.config import ConfigError
 from cluster.run import build_job, format_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import committed_checkpoints, read_metrics, wait_for  # noqa: E402
+from train_fixtures import committed_checkpoints, read_metrics, read_scalars, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefLEAKCHECK"
@@ -115,6 +115,10 @@ def test_end_to_end_job_driver_kill_resume_outputs_and_no_token_leak(tmp_path):
     report = (out / "eval-after" / "report.md").read_text()
     assert "## By module and regime" in report and all(f"| **{m}** |" in report for m in modules)
     assert (out / "eval-after" / "accuracy_by_module.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # ... and the test metrics sit beside training's curves in TensorBoard (before: step 0, after: the last).
+    scalars = read_scalars(train_out / "tensorboard")
+    assert scalars["eval_after/exact_match"] == {24: pytest.approx(after["exact_match"])}
+    assert set(scalars["eval_before/f1"]) == {0} and "train/loss" in scalars
     assert "exact match" in log2 and str(train_out / "final") in log2
 
     # A console a person reads: no per-report chatter, no progress-bar escape codes from workers, Ray Data's
