@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 
 # Ray Data's non-terminal progress (ray/data/_internal/progress/logging_progress.py) logs, per update:
 # a "===== Running Dataset: ... =====" header, "Total Progress: a/b", a resources line, operator lines
@@ -131,6 +132,8 @@ WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_DISABLE_PROGRESS_BA
 def quiet_env() -> None:
     """The driver's own environment: set before transformers is imported (it reads it at import)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not sys.stdout.isatty():  # a log file or a pipe: Ray's "(RayTrainWorker pid=...)" prefix without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def announce_ray(ray, info=None) -> None:
