@@ -104,3 +104,20 @@ def require_resources(
                 f"ray.resource_timeout_s to let an autoscaling cluster grow."
             )
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+
+
+def wait_until_free(cpus: float, gpus: float = 0.0, timeout_s: float = 30.0) -> bool:
+    """Wait (bounded) until the cluster has `cpus` / `gpus` free right now. A stage that just ended gives its
+    resources back asynchronously (Ray Train releases its placement group a few seconds after fit()
+    returns); starting the next Ray Data job before that logs "does not have any available CPUs ... will
+    hang". Never an error: require_resources has already checked the totals. Returns whether they were free."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = ray.available_resources()
+        if free.get("CPU", 0.0) >= cpus and free.get("GPU", 0.0) >= gpus:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)

@@ -139,7 +139,7 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     import pyarrow as pa
     import ray
 
-    from cluster.connect import init_ray
+    from cluster.connect import init_ray, wait_until_free
     from cluster.storage import require_shared_storage
     from eval.predict import Predictor
     from eval.resolve import (
@@ -177,6 +177,7 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     # Actors on other nodes load the model (cluster/storage.py); the rows travel from the driver.
     local_model = cfg.model if os.path.isdir(cfg.model) else ""  # a hub id is downloaded on each node
     require_shared_storage({"eval.model": (local_model, False)}, ray_cfg, {"CPU": cpus, "GPU": gpus}, hi)
+    wait_until_free(cpus * lo, gpus * lo)  # e.g. training's workers, still being released
     log.info(
         "eval: %s on %d rows of %s, %s actor(s) x (%g CPU, %g GPU), batch %d, max_new_tokens %d",
         model.spec, split.rows, split.path, lo if lo == hi else f"{lo}-{hi}", cpus, gpus, cfg.batch_size,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Literal
 
 import pytest
@@ -129,3 +130,18 @@ def test_train_and_train_plan_user_errors_are_one_line_exit_2(tmp_path, monkeypa
         monkeypatch.setenv("MATHTUNE_DEBUG", "1")
         with pytest.raises(ValueError, match=message.removeprefix("error: ").replace("(", r"\(").replace(")", r"\)")):
             run_cli(lambda: main(argv))
+
+
+def test_wait_until_free_waits_for_released_resources_and_is_bounded(monkeypatch):
+    """The next stage waits (bounded) for what the previous one is still giving back; never forever."""
+    import ray
+
+    from cluster.connect import wait_until_free
+
+    free = iter([{"CPU": 0.0}, {"CPU": 0.0}, {"CPU": 2.0}])
+    monkeypatch.setattr(ray, "available_resources", lambda: next(free))
+    assert wait_until_free(1, timeout_s=10) is True
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+    t0 = time.monotonic()
+    assert wait_until_free(1, timeout_s=0.5) is False
+    assert time.monotonic() - t0 < 2
