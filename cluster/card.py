@@ -11,27 +11,12 @@ refuses before any work when it is missing.
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any
 
-from cluster.core import ConfigError, ModelError, is_local_spec, read_json
+from cluster.core import ModelError, is_local_spec, push_folder, read_json
 
 HUB_DATASET = "deepmind/math_dataset"  # where the DeepMind Mathematics data lives on the hub
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-
-
-def check_push(repo: str | None) -> None:
-    """Refuse a push that cannot work, before any work: a malformed repo id or no $HF_TOKEN."""
-    if not repo:
-        return
-    if not REPO_ID.match(repo):
-        raise ConfigError(f"--push-to-hub must be a hub repo id like 'user/name', got {repo!r}")
-    if not os.environ.get("HF_TOKEN"):
-        raise ConfigError("--push-to-hub needs a Hugging Face token in the HF_TOKEN environment variable "
-                          "(never as a flag or config key)")
-
 
 def _base_model(spec: str) -> str | None:
     """A hub id the card can link to; None for a from-scratch tiny model or a local folder."""
@@ -160,13 +145,6 @@ def write_card(model_dir: str | Path, train_cfg: dict[str, Any], eval_before: di
 
 
 def push_model(model_dir: str | Path, repo: str) -> str:
-    """Upload the model folder (weights, tokenizer, card) to a private hub model repo; its URL."""
-    check_push(repo)
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=os.environ["HF_TOKEN"])
-    api.create_repo(repo, repo_type="model", private=True, exist_ok=True)
-    info = api.upload_folder(folder_path=str(model_dir), repo_id=repo, repo_type="model",
-                             commit_message="mathtune: model, tokenizer and card")
-    print(f"pushed {model_dir} to https://huggingface.co/{repo}", flush=True)
-    return str(getattr(info, "commit_url", repo))
+    """Upload the model folder (weights, tokenizer, card) to a private hub model repo (callers ran check_push
+    before any work); the commit URL."""
+    return push_folder(model_dir, repo, "model", "mathtune: model, tokenizer and card")

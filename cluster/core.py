@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -277,6 +278,39 @@ def tokenizer_identity(tokenizer, spec: str) -> dict:
     return {"spec": spec, "class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
             "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
             "unk_token_id": tokenizer.unk_token_id}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pushing to the Hugging Face hub (pipeline output as a dataset repo, a trained model as a model repo).
+# The token is read from $HF_TOKEN only and handed to huggingface_hub: never a flag, never logged or saved.
+
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def check_repo_id(repo: str, key: str = "--push-to-hub") -> None:
+    if not HUB_REPO_ID.match(repo):
+        raise ConfigError(f"{key} must be a hub repo id like 'user/name', got {repo!r}")
+
+
+def check_push(repo: str | None) -> None:
+    """Refuse a push that cannot work, before any work: a malformed repo id or no $HF_TOKEN."""
+    if not repo:
+        return
+    check_repo_id(repo)
+    if not os.environ.get("HF_TOKEN"):
+        raise ConfigError("--push-to-hub needs a Hugging Face token in the HF_TOKEN environment variable "
+                          "(never as a flag or config key)")
+
+
+def push_folder(folder: str | Path, repo: str, repo_type: str, message: str) -> str:
+    """Upload `folder` to a private hub repo of `repo_type` ("model" / "dataset"); the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=os.environ["HF_TOKEN"])
+    api.create_repo(repo, repo_type=repo_type, private=True, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type=repo_type, commit_message=message)
+    print(f"pushed {folder} to the hub {repo_type} {repo}", flush=True)
+    return str(getattr(info, "commit_url", repo))
 
 
 # ---------------------------------------------------------------------------------------------------

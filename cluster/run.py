@@ -142,9 +142,8 @@ def preflight(job: Job) -> None:
     the outputs are writable, the model and tokenizers resolve, a push has its token, and a local Ray
     can hold what training and eval ask for. The pipeline's own checks (source, tokenizer, output) run
     first thing in its stage, also before Ray starts."""
-    from cluster.card import check_push
     from cluster.connect import local_num_cpus
-    from cluster.core import check_model_dir, check_writable, is_local_spec, load_tokenizer
+    from cluster.core import check_model_dir, check_push, check_writable, is_local_spec, load_tokenizer
     from train.model import TINY_CONFIGS
 
     check_push(job.run.push_to_hub)
@@ -168,8 +167,8 @@ def preflight(job: Job) -> None:
                             "or raise --ray.num-cpus")
     e = job.eval_after
     actors = e.num_actors or 1  # eval's default without GPUs
-    if actors * e.cpus_per_actor + 1 > cpus:  # the same rule eval applies once Ray is up
-        raise ResourceError(f"eval needs {actors} actor(s) x {e.cpus_per_actor:g} CPUs plus a CPU for reading, "
+    if actors * e.cpus_per_actor > cpus:  # the rule eval applies once Ray is up (eval/job.py: _pool)
+        raise ResourceError(f"eval needs {actors} actor(s) x {e.cpus_per_actor:g} CPUs, "
                             f"but the local Ray has {cpus}; lower --eval.num-actors / --eval.cpus-per-actor "
                             "or raise --ray.num-cpus")
     gpus_wanted = t.num_workers if t.use_gpu else 0
@@ -215,12 +214,12 @@ def base_model(job: Job):
     if spec not in TINY_CONFIGS:
         return dataclasses.replace(job.eval_before, model=spec)
     import torch
-    from transformers import AutoTokenizer
 
+    from cluster.core import load_tokenizer
     from train.model import build_model
 
     dest = Path(job.eval_before.model)
-    tok = AutoTokenizer.from_pretrained(job.train.tokenizer or str(Path(job.pipeline.output) / "tokenizer"))
+    tok = load_tokenizer(job.train.tokenizer or str(Path(job.pipeline.output) / "tokenizer"))
     torch.manual_seed(job.train.seed)
     model = build_model(spec, len(tok), tok.pad_token_id, tok.eos_token_id)
     model.save_pretrained(dest)

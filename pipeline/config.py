@@ -6,6 +6,7 @@ import dataclasses
 import re
 
 from cluster.config import ConfigError
+from cluster.core import check_repo_id
 from pipeline.answers import EXTRAPOLATE, MODULES
 
 TRAIN_REGIMES = ("train-easy", "train-medium", "train-hard")
@@ -147,8 +148,8 @@ class PipelineConfig:
                 re.compile(self.answer_pattern)
             except re.error as e:
                 raise ConfigError(f"pipeline.answer_pattern is not a valid regex: {e}") from e
-        if self.push_to_hub is not None and "/" not in self.push_to_hub:
-            raise ConfigError(f"pipeline.push_to_hub must be a repo id like 'user/name', got {self.push_to_hub!r}")
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub, "pipeline.push_to_hub")
 
 
     def module_list(self) -> list[str]:

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -34,8 +33,10 @@ from cluster.core import (
     OutputError,
     RejectError,
     SourceError,
+    check_push,
     find_user_error,
     load_tokenizer,
+    push_folder,
     tokenizer_identity,
     write_json_atomic,
 )
@@ -64,9 +65,7 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None) -> dict:
     """Run the pipeline; returns the manifest (also written to <output>/manifest.json, complete: true)."""
     t0 = time.time()
     # Everything that can be refused is refused before the old output is touched or Ray starts.
-    if cfg.push_to_hub and not os.environ.get("HF_TOKEN"):
-        raise ConfigError("--push-to-hub needs a Hugging Face token in the HF_TOKEN environment variable "
-                          "(never as a flag or config key)")
+    check_push(cfg.push_to_hub)
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {cfg.tokenizer!r} has no eos token; T5-style targets need one")
@@ -116,7 +115,7 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None) -> dict:
           f"test {kept['test']}, rejected {counts['rows_rejected']} in {elapsed:.1f}s "
           f"({manifest['rows_per_s']} rows/s) -> {out}", flush=True)
     if cfg.push_to_hub:
-        push_to_hub(out, cfg.push_to_hub)
+        push_folder(out, cfg.push_to_hub, "dataset", "mathtune: pipeline output")
     return manifest
 
 
@@ -355,17 +354,3 @@ def _nest(counts: Counter) -> dict:
     for (module, split, regime), n in sorted(counts.items(), key=lambda kv: tuple(map(str, kv[0]))):
         out.setdefault(str(module), {}).setdefault(split, {})[regime] = n
     return out
-
-
-def push_to_hub(out: Path, repo: str) -> None:
-    """Upload the finished folder as a (private) hub dataset repo. The token is read from $HF_TOKEN only
-    and handed to huggingface_hub; it is never logged or written anywhere."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=os.environ["HF_TOKEN"])
-    api.create_repo(repo, repo_type="dataset", private=True, exist_ok=True)
-    api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=str(out))
-    log.info("pushed %s to the hub dataset %s", out, repo)
-    print(f"pipeline: pushed {out} to hf dataset {repo}", flush=True)
-
-

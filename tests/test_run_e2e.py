@@ -239,7 +239,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "impossible resources": (["--train.num-workers", "64", "--train.global-batch-size", "128"],
                                  "error: training needs 64 workers"),
         "push without token": (["--push-to-hub", "me/math-t5"], "error: --push-to-hub needs a Hugging Face token"),
-        "eval pool too large": (["--eval.num-actors", "8"], "error: eval needs 8 actor(s) x 1 CPUs plus a CPU"),
+        "eval pool too large": (["--eval.num-actors", "8"], "error: eval needs 8 actor(s) x 1 CPUs, but"),
     }
 
 

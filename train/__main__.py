@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
             "token from $HF_TOKEN only, refused before any work without one"),
     )
     push_to = args.push_to_hub
-    from cluster.card import check_push, push_model, write_card
+    from cluster.card import push_model, write_card
     from cluster.config import to_dict
+    from cluster.core import check_push
     from train.trainer import run
 
     check_push(push_to)  # before any work: no token, no training
