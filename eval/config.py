@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from cluster.config import ConfigError
+from eval.metrics import COLLAPSE_SHARE
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ class EvalConfig:
     autoscaling cluster whose GPU nodes start on demand. On GPU the model runs in bf16."""
     torch_threads: int | None = None
     """Intra-op threads per actor on CPU. Default: max(1, int(cpus_per_actor))."""
-    collapse_share: float = 0.2
+    collapse_share: float = COLLAPSE_SHARE
     """Report a collapsed model when one prediction covers at least this share of the rows (of >= 50) and
     is the gold answer of at least this share fewer (checked overall and per module)."""
 

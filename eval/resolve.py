@@ -17,6 +17,7 @@ from cluster.core import (
     check_data_dir,
     check_model_dir,
     has_tokenizer,
+    is_local_spec,
     load_tokenizer,
     open_split,
     read_json,
@@ -44,15 +45,13 @@ class ModelSource:
 def resolve_model(spec: str) -> ModelSource:
     """A train output (<out>/final), a local HF model directory, or a hub id."""
     path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise EvalError(f"model {spec!r} is a file; expected a model directory (config.json + weights)")
+    if path.exists():  # a file is refused by check_model_dir
         if (path / "final").is_dir() and not (path / "config.json").exists():
             path = path / "final"  # a train output directory
         check_model_dir(path)
         train_dir = path.parent if (path.parent / "metrics.jsonl").is_file() else None
         return ModelSource(str(path), True, train_dir)
-    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
+    if is_local_spec(spec):
         raise EvalError(f"model directory not found: {spec}")
     return ModelSource(spec, False, None)
 
@@ -82,7 +81,7 @@ def load_model(spec: str, dtype=None):
         hint = (
             " Offline (HF_HUB_OFFLINE=1 or no network)? Download it where there is network and pass the local "
             "directory, or evaluate a train output."
-            if not Path(spec).exists()
+            if not is_local_spec(spec)
             else ""
         )
         raise EvalError(f"could not load model {spec!r}: {e}.{hint}") from e
