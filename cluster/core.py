@@ -193,7 +193,6 @@ def open_split(data: str | Path, split: str, columns: Sequence[str]):
 # ---------------------------------------------------------------------------------------------------
 # Models and tokenizers
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 
 

@@ -112,17 +112,21 @@ def answer_pattern(module: str, override: str = "auto") -> str | None:
 
 def answer_form_failed(answers: pa.Array, modules: pa.Array, override: str = "auto") -> pa.Array:
     """Bool per row: the answer does not match its module's form in full (null answers fail; rows of a
-    module without a known form pass). Vectorized per distinct module (one module per batch, usually)."""
+    module without a known form pass). One regex pass per distinct pattern, over only its rows: a batch
+    mixing many modules costs about what a one-module batch does (one module per batch, usually)."""
     answers = pc.fill_null(answers, "")
-    distinct = pc.unique(modules).to_pylist()
-    failed = np.zeros(len(answers), dtype=bool)
-    for module in distinct:
+    by_pattern: dict[str, list[str]] = {}
+    for module in pc.unique(modules).to_pylist():
         pattern = answer_pattern(module, override) if module is not None else None
-        if pattern is None:
+        if pattern is not None:
+            by_pattern.setdefault(pattern, []).append(module)
+    failed = np.zeros(len(answers), dtype=bool)
+    for pattern, mods in by_pattern.items():
+        rows = np.flatnonzero(pc.is_in(modules, value_set=pa.array(mods, pa.string())).fill_null(False)
+                              .to_numpy(zero_copy_only=False))
+        if len(rows) == 0:
             continue
-        bad = pc.invert(pc.match_substring_regex(answers, pattern=f"^(?:{pattern})$")).to_numpy(
+        subset = answers if len(rows) == len(answers) else answers.take(pa.array(rows))
+        failed[rows] = pc.invert(pc.match_substring_regex(subset, pattern=f"^(?:{pattern})$")).to_numpy(
             zero_copy_only=False)
-        if len(distinct) > 1:
-            bad &= pc.equal(modules, module).fill_null(False).to_numpy(zero_copy_only=False)
-        failed |= bad
     return pa.array(failed)

@@ -29,11 +29,13 @@ from cluster.connect import init_ray
 from cluster.core import (
     DATA_SCHEMA,
     REJECT_SCHEMA,
+    SPLITS,
     ConfigError,
     OutputError,
     RejectError,
     SourceError,
     check_push,
+    check_writable,
     find_user_error,
     load_tokenizer,
     push_folder,
@@ -43,7 +45,7 @@ from cluster.core import (
 from cluster.storage import require_shared_storage
 from pipeline.config import MAX_VALIDATION_SHARE, PipelineConfig
 from pipeline.generate import WORKER_ENV
-from pipeline.sources import SPLITS, ReadUnit, find_units, read_unit
+from pipeline.sources import ReadUnit, find_units, read_unit
 from pipeline.tokenize_step import TokenizeBatch
 from pipeline.validate import REASONS, prepare_text
 from pipeline.write import (
@@ -121,18 +123,10 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None) -> dict:
 
 def prepare_output(out: Path) -> Path:
     """Create or reuse the output folder; refuse one that holds something else; fail early if unwritable."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is a file; choose a folder with --output")
     if out.is_dir() and any(out.iterdir()) and not any((out / p).exists() for p in (*OUTPUT_PARTS, "manifest.json")):
         raise OutputError(f"output {out} is not empty and is not a pipeline output; refusing to overwrite it. "
                           f"Choose an empty or new folder with --output")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OutputError(f"output {out} is not writable ({e.strerror or e}); choose another --output") from e
+    check_writable(out, "pipeline.output")  # also refuses a file
     # The old manifest goes first: from here until the new one is written, the folder reads as incomplete.
     (out / "manifest.json").unlink(missing_ok=True)
     for part in OUTPUT_PARTS:

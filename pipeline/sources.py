@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from cluster.core import SourceError
+from cluster.core import SPLITS, SourceError
 from pipeline.answers import module_of_name
 from pipeline.config import TEST_REGIMES, TRAIN_REGIMES, PipelineConfig
 
@@ -32,7 +32,6 @@ FORMATS = {
     ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
     ".txt": "v1txt",
 }
-SPLITS = ("train", "validation", "test")
 LABEL_COLUMNS = ("regime", "split", "module")  # optional columns a file may have beside question/answer
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
 OFFLINE_ALTERNATIVES = (
