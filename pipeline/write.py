@@ -123,7 +123,7 @@ class ShuffleWriter:
     def __init__(self, directory: Path, schema: pa.Schema, rows_per_file: int, *, seed: int, buckets: int,
                  spill_dir: Path):
         self.out = SplitWriter(directory, schema, rows_per_file)
-        self.schema, self.seed, self.buckets = schema, seed, max(1, buckets)
+        self.schema, self.buckets = schema, max(1, buckets)
         self.key = stream_key(seed, directory.name)
         self.spill_dir = spill_dir
         self.spills: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
@@ -146,15 +146,18 @@ class ShuffleWriter:
         if b not in self.spills:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             # lz4: spills are written and read once; compression cuts their disk use ~3x for a little CPU
-            self.spills[b] = pa.ipc.new_stream(str(self.spill_dir / f"bucket-{b:05d}.arrow"), self.schema,
+            self.spills[b] = pa.ipc.new_stream(str(self._path(b)), self.schema,
                                                options=pa.ipc.IpcWriteOptions(compression="lz4"))
         return self.spills[b]
+
+    def _path(self, b: int) -> Path:
+        return self.spill_dir / f"bucket-{b:05d}.arrow"
 
     def close(self) -> list[Path]:
         for w in self.spills.values():
             w.close()
         for b in sorted(self.spills):
-            path = self.spill_dir / f"bucket-{b:05d}.arrow"
+            path = self._path(b)
             with pa.OSFile(str(path)) as src:
                 bucket = pa.ipc.open_stream(src).read_all()
             perm = np.random.default_rng([self.key & 0xFFFFFFFF, self.key >> 32, b]).permutation(bucket.num_rows)
