@@ -205,6 +205,12 @@ def test_mlflow_file_store_holds_params_and_metrics(tmp_path):
     assert run.info.run_name == "run-a" and run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [(1, 2.0), (2, 1.5)]
     assert run.data.metrics["val/exact_match"] == 0.25
+    # A resume continues that run; a fresh start into the same output opens a new one.
+    first = run.info.run_id
+    MLflowTracker(uri, "mathtune-test", "run-a", tmp_path).close()
+    assert (tmp_path / "mlflow_run_id").read_text().strip() == first
+    MLflowTracker(uri, "mathtune-test", "run-a", tmp_path, fresh=True).close()
+    assert (tmp_path / "mlflow_run_id").read_text().strip() != first
 
 
 def test_mlflow_tracker_never_blocks_on_an_unreachable_server(tmp_path):

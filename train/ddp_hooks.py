@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-COMM_HOOKS = ("bf16",)
-
 
 def comm_hook(name: str) -> Callable:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cluster.core import CheckpointError
+from cluster.core import CheckpointError, write_text_atomic
 from train.collate import collate_seq2seq
 from train.config import TrainConfig
 from train.ddp_hooks import apply_comm_hook
@@ -67,9 +67,7 @@ def truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a line torn by a crash mid-write
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
@@ -431,7 +429,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if val_rows:  # the driver trimmed the subset to a multiple of the worker count: equal slices
         per = len(val_rows["answer"]) // world
         val_rows = {k: v[rank * per:(rank + 1) * per] for k, v in val_rows.items()}
-    tracker = make_tracker(cfg, rank)
+    tracker = make_tracker(cfg, rank, fresh=state.step == 0)  # a fresh start: a new MLflow run too
     if rank == 0:
         if state.step == 0:  # a fresh start (or a restart before any checkpoint was committed): new history
             truncate_metrics(metrics_path, 0)

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.core import write_text_atomic
+
 log = logging.getLogger("mathtune.train")
 
 TENSORBOARD_DIR = "tensorboard"
@@ -58,11 +60,15 @@ class TensorBoardTracker(NoTracker):
 
 class MLflowTracker(NoTracker):
     """One MLflow run (named after the Ray Train run), fed from a daemon thread. Resume reuses the run
-    (its id is kept in <output>/mlflow_run_id), so a restarted run continues one history."""
+    (its id is kept in <output>/mlflow_run_id), so a restarted run continues one history; a fresh start
+    (`fresh`) forgets the id and opens a new run, as it starts a new metrics.jsonl."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, output: str | Path, queue_size: int = 1000):
+    def __init__(self, uri: str, experiment: str, run_name: str, output: str | Path, queue_size: int = 1000,
+                 fresh: bool = False):
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.id_file = Path(output) / "mlflow_run_id"
+        if fresh:
+            self.id_file.unlink(missing_ok=True)
         self.q: queue.Queue = queue.Queue(maxsize=queue_size)
         self.dropped = 0
         self.thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
@@ -93,7 +99,7 @@ class MLflowTracker(NoTracker):
                 exp = client.get_experiment_by_name(self.experiment)
                 exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
                 run_id = client.create_run(exp_id, run_name=self.run_name).info.run_id
-                self.id_file.write_text(run_id + "\n")
+                write_text_atomic(self.id_file, run_id + "\n")
         except Exception as e:  # tracking must never take training down
             log.warning("[train] mlflow tracking disabled: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
             run_id = None
@@ -154,12 +160,12 @@ def mlflow_uri(configured: str | None, output: str | Path) -> str:
     return uri if "://" in uri or uri.startswith(("file:", "databricks")) else Path(uri).absolute().as_uri()
 
 
-def make_tracker(cfg, rank: int) -> NoTracker:
-    """Rank 0: TensorBoard (+ MLflow if configured). Other ranks: the no-op tracker."""
+def make_tracker(cfg, rank: int, fresh: bool = False) -> NoTracker:
+    """Rank 0: TensorBoard (+ MLflow if configured; `fresh`: a new MLflow run). Other ranks: the no-op."""
     if rank != 0:
         return NoTracker()
     trackers: list[NoTracker] = [TensorBoardTracker(cfg.output)]
     if "mlflow" in cfg.tracking:
         trackers.append(MLflowTracker(mlflow_uri(cfg.mlflow_tracking_uri, cfg.output), cfg.mlflow_experiment,
-                                      cfg.run_name, cfg.output))
+                                      cfg.run_name, cfg.output, fresh=fresh))
     return Trackers(trackers)

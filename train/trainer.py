@@ -31,6 +31,7 @@ from cluster.core import (
 from cluster.storage import require_shared_storage
 from train.config import TrainConfig
 from train.data import TRAIN_COLUMNS, VAL_COLUMNS, split_bytes, validation_subset
+from train.tracking import TENSORBOARD_DIR
 
 log = logging.getLogger("mathtune.train")
 
@@ -121,14 +122,13 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
 
     init_ray(ray_cfg)
     # Multi-node: workers must see the data, rank 0's outputs and the checkpoints (cluster/storage.py).
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     require_shared_storage({"train.data": (cfg.data, False), "train.output": (cfg.output, False),
-                            "train.storage_path": (storage, True)}, ray_cfg,
-                           {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}, cfg.num_workers)
+                            "train.storage_path": (storage, True)}, ray_cfg, per_worker, cfg.num_workers)
     # Small splits are read by the workers themselves (once, reshuffled in memory each epoch); only a large
     # one goes through Ray Data.
     datasets = {} if in_memory else {"train": ray.data.read_parquet(train_files.files, columns=list(TRAIN_COLUMNS))}
 
-    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     require_resources(
         f"training ({cfg.num_workers} workers x {per_worker})",
         cpus=cfg.num_workers * cfg.cpus_per_worker, gpus=cfg.num_workers if cfg.use_gpu else 0,
@@ -192,7 +192,7 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
         "stopped_early": bool(final_metrics.get("stopped_early", False)),
         "early_stopping_patience": cfg.early_stopping_patience,
         "data_loading": "memory" if in_memory else "stream",
-        "tensorboard_dir": str(out / "tensorboard"),
+        "tensorboard_dir": str(out / TENSORBOARD_DIR),
         "final_dir": str(out / "final"),
         "num_workers": cfg.num_workers,
         "global_batch_size": cfg.global_batch_size,
