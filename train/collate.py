@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from cluster.core import IGNORE_INDEX, pad_2d
 
-__all__ = ["IGNORE_INDEX", "Collator", "collate_seq2seq"]
+__all__ = ["IGNORE_INDEX", "collate_seq2seq"]
 
 
 def collate_seq2seq(
@@ -32,14 +30,3 @@ def collate_seq2seq(
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(labels)}
 
-
-class Collator(NumpyBatchCollateFn):
-    """Ray Data's collate-fn class for `iter_torch_batches(collate_fn=...)` (a plain function is deprecated
-    there); also called directly on the in-memory path."""
-
-    def __init__(self, pad_id: int = 0, pad_to_multiple_of: int = 8) -> None:
-        self.pad_id = pad_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return collate_seq2seq(batch, self.pad_id, self.pad_to_multiple_of)

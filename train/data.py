@@ -24,13 +24,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from cluster.core import IGNORE_INDEX, DataError
-from train.collate import Collator
+from train.collate import collate_seq2seq
 
 TRAIN_COLUMNS = ("input_ids", "labels")
 VAL_COLUMNS = ("input_ids", "labels", "answer")
 STRATA_COLUMNS = ("regime", "module")  # the validation subset keeps each one's share (those present)
+
+
+class Collator(NumpyBatchCollateFn):
+    """Ray Data's collate-fn class for `iter_torch_batches(collate_fn=...)` (a plain function is deprecated
+    there); also called directly on the in-memory path. The padding itself is train/collate.py's pure
+    function, which stays free of Ray."""
+
+    def __init__(self, pad_id: int = 0, pad_to_multiple_of: int = 8) -> None:
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return collate_seq2seq(batch, self.pad_id, self.pad_to_multiple_of)
 
 
 def epoch_rng(seed: int, epoch: int, *more: int) -> np.random.Generator:
