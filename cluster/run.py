@@ -259,10 +259,11 @@ def run(job: Job) -> dict[str, Any]:
     # A model trained (or trained further) in this invocation makes any earlier eval-after stale.
     stage("eval-after", eval_done(job.eval_after) and not trained, lambda: eval_stage.run(job.eval_after, job.ray),
           job.eval_after.output)
+    before, after = eval_metrics(job)
     if "eval-after" in timings:  # scored in this invocation: put the test metrics beside training's curves
-        track_eval_metrics(job)
-    card = write_model_card(job)
-    summary = collect_summary(job, timings)
+        track_eval_metrics(job, before, after)
+    card = write_model_card(job, before, after)
+    summary = collect_summary(job, timings, before, after)
     summary["outputs"]["model_card"] = str(card)
     write_json_atomic(job.root / "run_summary.json", summary)
     print(format_summary(summary), flush=True)
@@ -273,7 +274,13 @@ def run(job: Job) -> dict[str, Any]:
     return summary
 
 
-def track_eval_metrics(job: Job) -> None:
+def eval_metrics(job: Job) -> tuple[dict | None, dict | None]:
+    """eval-before's and eval-after's metrics.json (None where not run or not there), read once per run."""
+    before = read_json(Path(job.eval_before.output) / "metrics.json") if job.run.eval_before else None
+    return before, read_json(Path(job.eval_after.output) / "metrics.json")
+
+
+def track_eval_metrics(job: Job, before: dict | None, after: dict | None) -> None:
     """The test-set metrics of eval-before (at step 0) and eval-after (at the final step) into the training
     run's trackers (TensorBoard under <train>/tensorboard, MLflow when configured), overall and per regime."""
     from train.tracking import make_tracker
@@ -281,8 +288,7 @@ def track_eval_metrics(job: Job) -> None:
     final_step = (read_json(Path(job.train.output) / "summary.json") or {}).get("steps", 0)
     tracker = make_tracker(job.train, rank=0)
     try:
-        for name, cfg, step in (("eval_before", job.eval_before, 0), ("eval_after", job.eval_after, final_step)):
-            m = read_json(Path(cfg.output) / "metrics.json") if name == "eval_after" or job.run.eval_before else None
+        for name, m, step in (("eval_before", before, 0), ("eval_after", after, final_step)):
             if not m:
                 continue
             values = {f"{name}/exact_match": m["exact_match"], f"{name}/f1": m["f1"]}
@@ -293,28 +299,24 @@ def track_eval_metrics(job: Job) -> None:
         tracker.close()
 
 
-def write_model_card(job: Job) -> Path:
+def write_model_card(job: Job, before: dict | None, after: dict | None) -> Path:
     """<train>/final/README.md with the before/after test metrics of this run (when measured)."""
     from cluster.card import write_card
     from cluster.config import to_dict
 
-    before = read_json(Path(job.eval_before.output) / "metrics.json") if job.run.eval_before else None
-    after = read_json(Path(job.eval_after.output) / "metrics.json")
     return write_card(Path(job.train.output) / "final", to_dict(job.train), before, after, name=job.root.name)
 
 
-def collect_summary(job: Job, timings: dict[str, float]) -> dict[str, Any]:
+def collect_summary(job: Job, timings: dict[str, float], before: dict | None, after: dict | None) -> dict[str, Any]:
     manifest = read_json(Path(job.pipeline.output) / "manifest.json") or {}
     train = read_json(Path(job.train.output) / "summary.json") or {}
-    before = read_json(Path(job.eval_before.output) / "metrics.json") if job.run.eval_before else None
-    after = read_json(Path(job.eval_after.output) / "metrics.json") or {}
     return {
         "root": str(job.root),
         "stage_seconds": timings,
         "rows": {k: manifest.get(k) for k in ("rows_in", "rows_kept", "rows_rejected")},
         "train": {k: train.get(k) for k in ("steps", "samples", "wall_time_s", "samples_per_s")},
         "eval_before": before,
-        "eval_after": after,
+        "eval_after": after or {},
         "outputs": {
             "logs": str(job.root / "logs"),
             "data": job.pipeline.output,

@@ -292,7 +292,7 @@ def test_the_real_command_fails_in_one_line_within_seconds(tmp_path):
 def test_model_card_carries_the_metrics_and_parses(tmp_path):
     from huggingface_hub import ModelCard
 
-    from cluster.run import write_model_card
+    from cluster.run import eval_metrics, write_model_card
 
     job = build_job(str(ROOT / "configs" / "demo.yaml"), {"run": {"output_dir": str(tmp_path)}})
     final = Path(job.train.output) / "final"
@@ -308,7 +308,7 @@ def test_model_card_carries_the_metrics_and_parses(tmp_path):
         Path(tmp_path / stage).mkdir()
         (tmp_path / stage / "metrics.json").write_text(json.dumps({"exact_match": em, "f1": f1, "split": "test"}))
 
-    card = ModelCard.load(write_model_card(job))
+    card = ModelCard.load(write_model_card(job, *eval_metrics(job)))
     assert card.data.datasets == ["deepmind/math_dataset"] and card.data.base_model is None  # from scratch
     results = {(r.metric_type, r.metric_config): r.metric_value for r in card.data.eval_results}
     assert results == {("exact_match", "after"): 0.012, ("f1", "after"): 0.2909,
@@ -320,7 +320,7 @@ def test_model_card_carries_the_metrics_and_parses(tmp_path):
 
     # A hub checkpoint is named as the base model (the hub links the two).
     job.train.model = "google/flan-t5-small"
-    assert ModelCard.load(write_model_card(job)).data.base_model == "google/flan-t5-small"
+    assert ModelCard.load(write_model_card(job, *eval_metrics(job))).data.base_model == "google/flan-t5-small"
 
 
 def test_push_to_hub_refuses_without_token_before_any_work(tmp_path, monkeypatch):
