@@ -19,6 +19,8 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cluster.core import read_json
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -75,9 +77,9 @@ def train_section(rows: list[dict], title: str) -> str:
 
 def eval_section(path: Path) -> str:
     out = ["### 10k-row eval (bench.eval_bench --gpu)", "", f"{_now()}; {environment()}", ""]
-    if not path.is_file():
+    r = read_json(path)
+    if r is None:  # missing or torn: say so, never crash (the other sections must still be written)
         return "\n".join(out + ["No result: the step failed or timed out (see its log).", ""])
-    r = json.loads(path.read_text())
     out += [f"{r['model']}; {r['rows']} rows, batch {r['batch_size']}. Target: <= 20 s on one H100.", "",
             "| what | wall s | examples/s | Ray Data part s |", "|---|---|---|---|"]
     for run in r["runs"]:
@@ -88,27 +90,22 @@ def eval_section(path: Path) -> str:
 
 def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
     out = ["### Speedrun (configs/speedrun.yaml)", "", f"{_now()}; {environment()}", ""]
-    man = data / "manifest.json"
-    if man.is_file():
-        m = json.loads(man.read_text())
+    if (m := read_json(data / "manifest.json")) is not None:
         reasons = m.get("rows_rejected_by_reason") or ""
         out.append(f"- pipeline: {m.get('rows_in', 0):,} rows in, kept by split {m.get('rows_kept_by_split')}, "
                    f"rejected {m.get('rows_rejected', 0):,} {reasons}".rstrip()
                    + f"; {m.get('elapsed_s')} s ({m.get('rows_per_s')} rows/s) on {os.cpu_count()} cores")
     else:
         out.append("- pipeline: no manifest (failed or timed out)")
-    s = train_out / "summary.json"
-    if s.is_file():
-        t = json.loads(s.read_text())
+    if (t := read_json(train_out / "summary.json")) is not None:
+        best = t.get("best") or {}
         out.append(f"- train: {t['model']}, {t['steps']} steps of {t['global_batch_size']}, {t['samples']:,} samples "
                    f"in {t['train_time_s']} s of training ({t['samples_per_s']:,.0f} samples/s), "
                    f"{t['wall_time_s']} s wall; best validation exact match "
-                   f"{_pct(t['best']['val_exact_match'])} at step {t['best']['step']}")
+                   f"{_pct(best.get('val_exact_match'))} at step {best.get('step')}")
     else:
         out.append("- train: no summary.json (failed or timed out)")
-    e = eval_out / "metrics.json"
-    if e.is_file():
-        m = json.loads(e.read_text())
+    if (m := read_json(eval_out / "metrics.json")) is not None:
         out.append(f"- eval: **exact match {_pct(m.get('exact_match'))}** on {m.get('rows_scored')} interpolate "
                    f"rows (target >= 95%), F1 {_pct(m.get('f1'))}, {m.get('wall_s', 0):.1f} s")
     else:
