@@ -15,7 +15,9 @@
 # bench/gpu_pack.sh (`make gpu-pack`, run here) builds .gpu/ (Ray unzipped and xz'd, the small wheels it
 # needs, mathematics_dataset, flan-t5's tokenizer), which the first call carries. Part 2 reuses what part
 # 1 unpacked and generated (ignored folders stay on a warm machine); if the machine was recycled between
-# the calls it says so and stops. Every step has its own time limit, so one hang cannot eat the budget;
+# the calls it says so and stops. GPU_CHECK_DEADLINE=S ends a call's steps by S seconds (default 560) and
+# GPU_CHECK_SKIP="name ..." leaves steps out, to fit what is left of a session's device time. Every step
+# has its own time limit, so one hang cannot eat the budget;
 # a failed step is recorded and the others still run. Numbers, with card, date and versions, go to
 # $OUT/RESULTS.md (bench/RESULTS.md + this run's sections); logs and raw JSON beside it.
 set -uo pipefail
@@ -42,6 +44,11 @@ DEADLINE=${GPU_CHECK_DEADLINE:-$(if [ $DRY -eq 1 ]; then echo 3600; else echo 56
 step() {
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS rc left=$((DEADLINE - SECONDS))
+    if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then   # GPU_CHECK_SKIP="a b": steps left out this call
+        say "$name SKIPPED: named in GPU_CHECK_SKIP"
+        printf '%s\tskipped\t0\n' "$name" >>"$STATE/steps.tsv"
+        return 99
+    fi
     if [ $left -lt 20 ]; then
         say "$name SKIPPED: ${left}s left of this call"
         printf '%s\tskipped\t0\n' "$name" >>"$STATE/steps.tsv"
