@@ -53,9 +53,8 @@ def build_model(path: Path, arch: dict, seed: int = 0) -> None:
 
 def build_model_gpu(path: Path) -> None:
     """flan-t5-large, random weights, untied head (783,150,080 parameters, asserted), as safetensors."""
-    from pipeline.tokenizer import load_tokenizer
-
     from bench.train_gpu_bench import build_model as build_flan
+    from cluster.core import load_tokenizer
 
     model, _ = build_flan("google/flan-t5-large", "cpu", dropout=0.1)
     model.save_pretrained(path)

@@ -16,7 +16,8 @@
 # needs, mathematics_dataset, flan-t5's tokenizer), which the first call carries. Part 2 reuses what part
 # 1 unpacked and generated (ignored folders stay on a warm machine); if the machine was recycled between
 # the calls it says so and stops. GPU_CHECK_DEADLINE=S ends a call's steps by S seconds (default 560) and
-# GPU_CHECK_SKIP="name ..." leaves steps out, to fit what is left of a session's device time. Every step
+# GPU_CHECK_SKIP="name ..." leaves steps out and GPU_CHECK_STEPS=N sets the speedrun's steps (else the
+# probe's), to fit what is left of a session's device time. Every step
 # has its own time limit, so one hang cannot eat the budget;
 # a failed step is recorded and the others still run. Numbers, with card, date and versions, go to
 # $OUT/RESULTS.md (bench/RESULTS.md + this run's sections); logs and raw JSON beside it.
@@ -193,7 +194,7 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
         say "no speedrun data in $SPEED/data (part 1 not run on this machine, or its pipeline failed): run part 1"
         exit 2
     fi
-    STEPS=$(cat "$STATE/speedrun_max_steps" 2>/dev/null || cfg train max_steps)
+    STEPS=${GPU_CHECK_STEPS:-$(cat "$STATE/speedrun_max_steps" 2>/dev/null || cfg train max_steps)}
     rm -rf "$SPEED/train" "$SPEED/eval"
     step speedrun_train "$T_TRAIN" "$PY" -m train --config configs/speedrun.yaml --max-steps "$STEPS" "${TRAIN_X[@]}"
     step speedrun_eval "$T_EVAL" "$PY" -m eval --config configs/speedrun.yaml "${EVAL_X[@]}"

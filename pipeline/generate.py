@@ -88,6 +88,27 @@ def _load_generator():
     return generate
 
 
+# The generator asserts on its own rare bad draws: linear_system splits entropy with
+# np.random.dirichlet(max(1e-9, count - 1)), whose term for a single-coefficient slot is exactly 0 except
+# about once in a million draws (a gamma(1e-9) sample that does not underflow; measured: 3 in 3M), and
+# then integers_with_sum's `assert entropy == 0` fires: ~1 sample in a few hundred thousand of linear_1d,
+# so a 2M-row run hit it (GPU device check, 2026-11-27). Such a sample is skipped like the generator's
+# own length-cap skips; many in a row is not bad luck but a broken generator, and raises.
+MAX_ASSERT_RETRIES = 20
+
+
+def _sample(generate, fn, module: str):
+    """One (problem, skipped) from the generator, retrying its rare internal assertion failures."""
+    for attempt in range(MAX_ASSERT_RETRIES + 1):
+        try:
+            problem, n_dropped = generate.sample_from_module(fn)
+            return problem, n_dropped + attempt
+        except AssertionError as e:
+            last = e
+    raise RuntimeError(f"the generator's {module} failed its own assertion {MAX_ASSERT_RETRIES + 1} times in a "
+                       f"row (not a rare bad draw: check the mathematics_dataset/sympy/numpy versions)") from last
+
+
 def generate_rows(module: str, regime: str, rows: int, seed: int) -> tuple[list[str], list[str], int]:
     """`rows` (question, answer) pairs of `module` at `regime`; also how many samples the generator
     itself skipped for exceeding its length caps (not rows of ours: counted in the manifest as
@@ -106,7 +127,7 @@ def generate_rows(module: str, regime: str, rows: int, seed: int) -> tuple[list[
     fn = modules[module]
     questions, answers, dropped = [], [], 0
     for _ in range(rows):
-        problem, n_dropped = generate.sample_from_module(fn)
+        problem, n_dropped = _sample(generate, fn, module)
         dropped += n_dropped
         questions.append(str(problem.question))
         answers.append(str(problem.answer))

@@ -363,6 +363,33 @@ def test_module_table_is_the_generators(monkeypatch):
         assert len(q) == 2 and not any(answer_form_failed(pa.array(a), pa.array([module] * 2)).to_pylist())
 
 
+def test_generator_assertions_are_skipped_and_counted_but_not_forever(monkeypatch):
+    """The generator's rare `assert entropy == 0` (a dirichlet draw that did not underflow) hit a 2M-row
+    run: the sample is skipped and counted; an assertion that always fires still raises, clearly."""
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    import pipeline.generate as gen
+
+    g = gen._load_generator()
+    real, calls = g.sample_from_module, []
+
+    def flaky(fn):
+        calls.append(1)
+        if len(calls) in (2, 3):
+            raise AssertionError
+        return real(fn)
+
+    monkeypatch.setattr(g, "sample_from_module", flaky)
+    q, a, skipped = gen.generate_rows("algebra__linear_1d", "train-easy", 3, seed=1)
+    assert len(q) == len(a) == 3 and len(calls) == 5 and skipped >= 2
+
+    def broken(fn):
+        raise AssertionError
+
+    monkeypatch.setattr(g, "sample_from_module", broken)
+    with pytest.raises(RuntimeError, match="failed its own assertion 21 times in a row"):
+        gen.generate_rows("algebra__linear_1d", "train-easy", 1, seed=1)
+
+
 def test_output_writer_counts_by_module_and_checks_the_row_invariant(tmp_path):
     from pipeline.job import OutputWriter
 
