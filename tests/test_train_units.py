@@ -135,6 +135,36 @@ def test_greedy_decode_matches_generate(tok):
     assert fixed.shape[1] == 6 and fixed[:, :n].tolist() == ours[:, :n].tolist()
 
 
+def test_greedy_decode_speaks_both_names_of_the_kv_cache(tok):
+    """transformers 5.17 (the GPU image) calls the KV cache `past_key_values`, 5.24 `cache`: the same
+    decode must run on both (it died on `out.cache` on the GPU machine)."""
+    from types import SimpleNamespace
+
+    from train.decode import cache_kwarg, greedy_decode
+
+    torch.manual_seed(1)
+    model = build_model("t5-tiny", len(tok)).eval()
+    new = cache_kwarg(model)
+
+    class OldApi(torch.nn.Module):  # the model as an older transformers names its cache
+        def __init__(self):
+            super().__init__()
+            self.m, self.config = model, model.config
+
+        def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None,
+                    past_key_values=None, use_cache=None):
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                         encoder_outputs=encoder_outputs, use_cache=use_cache, **{new: past_key_values})
+            return SimpleNamespace(logits=out.logits, encoder_last_hidden_state=out.encoder_last_hidden_state,
+                                   past_key_values=getattr(out, new))
+
+    old = OldApi()
+    assert cache_kwarg(old) == "past_key_values"
+    b = collate_seq2seq({"input_ids": [tok("Solve 3*x = 9 for x.")["input_ids"]], "labels": [[1]]})
+    assert (greedy_decode(old, b["input_ids"], b["attention_mask"], 5, fixed_steps=True).tolist()
+            == greedy_decode(model, b["input_ids"], b["attention_mask"], 5, fixed_steps=True).tolist())
+
+
 # ---- checkpoints & model directories ----
 def _ckpt(tmp_path, tok, name="t5-tiny", step=3):
     model = build_model(name, len(tok))

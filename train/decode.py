@@ -8,7 +8,17 @@ rank runs exactly `max_new_tokens` decoder steps. Output matches `generate(do_sa
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+
+def cache_kwarg(model) -> str:
+    """The name of the KV-cache argument (and output field) of `model.forward`: transformers renamed
+    `past_key_values` to `cache` within 5.x (5.17, the GPU image's, has the old name; 5.24 the new),
+    and `transformers>=5.0` admits both, so ask the model rather than assume one (measured: the first
+    GPU speedrun died at its first validation on `out.cache`, 2026-11-27)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -24,7 +34,7 @@ def greedy_decode(
 
     cfg = model.config
     start, eos, pad = cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id
-    b = input_ids.size(0)
+    b, cache = input_ids.size(0), cache_kwarg(model)
     dec = torch.full((b, 1), start, dtype=torch.long, device=input_ids.device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec, use_cache=True)
     enc = BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
@@ -39,6 +49,6 @@ def greedy_decode(
             break
         out = model(
             encoder_outputs=enc, attention_mask=attention_mask, decoder_input_ids=nxt[:, None],
-            cache=out.cache, use_cache=True,
+            use_cache=True, **{cache: getattr(out, cache)},
         )
     return torch.stack(tokens, 1)
