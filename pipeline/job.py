@@ -192,6 +192,15 @@ def shuffle_buckets(units: list[ReadUnit]) -> int:
     return min(MAX_SHUFFLE_BUCKETS, max(1, math.ceil(rows / SHUFFLE_BUCKET_ROWS)))
 
 
+def pool_size(configured: int, cpus: int) -> int:
+    """Actors of the fused read -> clean -> tokenize pool: all CPUs but the driver's (0 = auto)."""
+    workers = configured or max(1, cpus - 1)
+    if workers >= cpus > 1:
+        raise ConfigError(f"pipeline.tokenize_workers={workers} would hold all {cpus} CPUs of the cluster and "
+                          f"leave none for the driver, which writes the output; use at most {cpus - 1}")
+    return workers
+
+
 def build_dataset(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fraction: float):
     import ray
     from ray.data import ActorPoolStrategy
@@ -203,12 +212,7 @@ def build_dataset(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fractio
             for raw in read_unit(units[int(i)], cfg.batch_size):
                 yield prepare_text(raw, max_chars=cfg.max_text_chars, answer_pattern=cfg.answer_pattern)
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Half the CPUs tokenize, the rest read/generate; never the whole cluster (it would starve the reads).
-    workers = cfg.tokenize_workers or max(1, min(cpus // 2, 16))
-    if workers >= cpus:
-        raise ConfigError(f"pipeline.tokenize_workers={workers} would hold all {cpus} CPUs of the cluster and "
-                          f"leave none for reading; use at most {max(1, cpus - 1)}")
+    workers = pool_size(cfg.tokenize_workers, int(ray.cluster_resources().get("CPU", 1)))
     return (
         ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
         # Same remote args on both steps, so Ray fuses them into one operator: each unit is read, cleaned

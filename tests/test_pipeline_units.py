@@ -405,3 +405,14 @@ def test_output_writer_counts_by_module_and_checks_the_row_invariant(tmp_path):
     w.rows_in["train"] += 1  # a row that went nowhere: must stop the run (also under python -O)
     with pytest.raises(RuntimeError, match="row accounting broken"):
         w.close()
+
+
+def test_pool_uses_every_cpu_but_the_drivers():
+    """The read step is fused into the tokenizer's actor pool, so the pool is the job's parallelism: the
+    old default (half the CPUs, at most 16) generated on 8 of a GPU node's 16 cores (6.2k rows/s)."""
+    from pipeline.job import pool_size
+
+    assert [pool_size(0, c) for c in (1, 2, 16, 192)] == [1, 1, 15, 191]
+    assert pool_size(4, 16) == 4
+    with pytest.raises(ConfigError, match="tokenize_workers=16 would hold all 16 CPUs.*at most 15"):
+        pool_size(16, 16)
