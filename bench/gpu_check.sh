@@ -3,11 +3,11 @@
 #
 #   bash bench/gpu_check.sh 1   setup; `python -m pipeline` generates the speedrun's 2M rows on the
 #                               node's CPUs in the background while the GPU runs `pytest -m gpu`, the
-#                               flan-t5-large training bench (eager micro-batch sweep, length-bucketed,
-#                               compiled) and the
-#                               speedrun model's step-rate probe; then the 10k-row eval bench.  ~6 min
-#   bash bench/gpu_check.sh 2   the speedrun: `python -m train` (~240 s of steps, the count set from
-#                               part 1's probe) and `python -m eval` on the 10k interpolate rows. ~7 min
+#                               flan-t5-large training bench (eager micro-batch sweep, compiled), the
+#                               speedrun model's step-rate probe, the length-bucketed bench; then the
+#                               10k-row eval bench. <= 380 s
+#   bash bench/gpu_check.sh 2   the speedrun: `python -m train` (~180 s of steps, the count set from
+#                               part 1's probe) and `python -m eval` on the 10k interpolate rows. <= 420 s
 #   bash bench/gpu_check.sh all --dry-run   both, at toy sizes on this CPU machine with the dev venv's
 #                               Ray, the image's missing packages blocked (tests the script, not a GPU)
 #
@@ -15,12 +15,13 @@
 # bench/gpu_pack.sh (`make gpu-pack`, run here) builds .gpu/ (Ray unzipped and xz'd, the small wheels it
 # needs, mathematics_dataset, flan-t5's tokenizer), which the first call carries. Part 2 reuses what part
 # 1 unpacked and generated (ignored folders stay on a warm machine); if the machine was recycled between
-# the calls it says so and stops. GPU_CHECK_DEADLINE=S ends a call's steps by S seconds (default 560) and
-# GPU_CHECK_SKIP="name ..." leaves steps out and GPU_CHECK_STEPS=N sets the speedrun's steps (else the
-# probe's), to fit what is left of a session's device time. Every step
-# has its own time limit, so one hang cannot eat the budget;
-# a failed step is recorded and the others still run. Numbers, with card, date and versions, go to
-# $OUT/RESULTS.md (bench/RESULTS.md + this run's sections); logs and raw JSON beside it.
+# the calls it says so and stops. To fit what is left of a session's device time:
+#   GPU_CHECK_DEADLINE=S        end this call's steps by S seconds (default: part 1 380, part 2 420)
+#   GPU_CHECK_TRAIN_SECONDS=S   the speedrun's seconds of steps, turned into steps by the probe (180)
+#   GPU_CHECK_STEPS=N           the speedrun's steps outright (when the probe did not run this time)
+#   GPU_CHECK_SKIP="name ..."   steps left out (e.g. benches already measured by an earlier call)
+# Every step has its own time limit, so one hang cannot eat the budget; a failed step is recorded and the
+# others still run. Numbers, with card, date and versions, go to $OUT/RESULTS.md (bench/RESULTS.md + this run's sections); logs and raw JSON beside it.
 set -uo pipefail
 PART=${1:?usage: bash bench/gpu_check.sh 1|2|all [--dry-run]}
 DRY=0; [ "${2:-}" = "--dry-run" ] && DRY=1
@@ -39,7 +40,9 @@ say() { echo "[gpu-check $(date -u +%H:%M:%S)] $*"; }
 
 # The device tool stops a call at 600 s: each step gets its own limit or what is left before DEADLINE,
 # whichever is less, and a step with under 20 s left is skipped, so the results are written in time.
-DEADLINE=${GPU_CHECK_DEADLINE:-$(if [ $DRY -eq 1 ]; then echo 3600; else echo 560; fi)}
+# Part 1 + part 2 + two start-ups/transfers (~30 s each, measured 2026-11-27) fit a session's 900 s.
+DEADLINE=${GPU_CHECK_DEADLINE:-$(if [ $DRY -eq 1 ]; then echo 3600; elif [ "$PART" = 1 ]; then echo 380;
+                                 elif [ "$PART" = 2 ]; then echo 420; else echo 560; fi)}
 
 # step NAME TIMEOUT_S CMD...: run with a hard limit, log to $LOGS/NAME.log, record rc and seconds.
 step() {
@@ -73,15 +76,20 @@ publish() {  # what comes back: RESULTS.md, one log per part, the raw JSON (afte
         echo; cat "$RES" 2>/dev/null
         echo; echo "Steps (name, exit code, seconds):"; echo '```'; cat "$STATE/steps.tsv" 2>/dev/null; echo '```'
     } >"$OUTDIR/RESULTS.md"
-    for f in "$LOGS"/*.log; do echo "===== $f"; tail -n 200 "$f"; done >"$OUTDIR/part$PART.log" 2>/dev/null
+    # head and tail of each log: the start says how far a step got, the end why it stopped
+    for f in "$LOGS"/*.log; do
+        echo "===== $f"
+        if [ "$(wc -l <"$f")" -le 260 ]; then cat "$f"; else head -n 60 "$f"; echo "[...]"; tail -n 200 "$f"; fi
+    done >"$OUTDIR/part$PART.log" 2>/dev/null
     cp "$STATE"/train_bench.jsonl "$STATE"/eval_bench.json "$OUTDIR"/ 2>/dev/null
     cp "$SPEED/train/summary.json" "$OUTDIR/speedrun_summary.json" 2>/dev/null
+    cp "$SPEED/train/metrics.jsonl" "$OUTDIR/speedrun_train_metrics.jsonl" 2>/dev/null
     cp "$SPEED/eval/metrics.json" "$OUTDIR/speedrun_metrics.json" 2>/dev/null
 }
 trap 'publish; say "results: $OUTDIR/RESULTS.md"' EXIT
 
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then  # a fresh run: forget the last one's numbers
-    rm -f "$STATE/steps.tsv" "$STATE"/*.jsonl "$STATE/eval_bench.json" "$STATE/speedrun_max_steps"
+    rm -f "$STATE/steps.tsv" "$STATE"/*.jsonl "$STATE/eval_bench.json"
     {
         echo "## GPU device check ($( [ $DRY -eq 1 ] && echo 'DRY RUN on CPU, toy sizes: not GPU numbers' || echo 'bench/gpu_check.sh'))"
         echo
@@ -153,7 +161,7 @@ else
     EVALB=(--gpu --rows 10000 --skip-baseline
            --variants "--num-actors 1 --gpus-per-actor 1 --cpus-per-actor 1 --no-dashboard")
     TRAIN_X=(); EVAL_X=()
-    T_PIPE=330; T_TRAIN=420; T_EVAL=100
+    T_PIPE=330; T_TRAIN=320; T_EVAL=100
 fi
 
 # ---------- part 1 ----------
@@ -165,21 +173,17 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     step pytest_gpu 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
     [ $? -eq 5 ] && say "no test is marked gpu"
     step train_bench_eager 150 "$PY" -m bench.train_gpu_bench "${BENCH[@]}" "${SWEEP[@]}" --json-out "$STATE/train_bench.jsonl"
-    step train_bench_bucketed 90 "$PY" -m bench.train_gpu_bench --bucket "${BENCH[@]}" "${SWEEP[@]:0:1}" \
-        "${SWEEP[@]: -1}" --json-out "$STATE/train_bench.jsonl"
     if [ $DRY -eq 0 ]; then
-        step train_bench_compiled 200 "$PY" -m bench.train_gpu_bench --compile "${BENCH[@]}" --micro-batch 256 \
+        step train_bench_compiled 120 "$PY" -m bench.train_gpu_bench --compile "${BENCH[@]}" --micro-batch 256 \
             --json-out "$STATE/train_bench.jsonl"
     fi
     step speedrun_probe 90 "$PY" -m bench.train_gpu_bench "${BENCH[@]}" "${PROBE[@]}" --lengths char \
         --json-out "$STATE/probe.jsonl"
+    step train_bench_bucketed 90 "$PY" -m bench.train_gpu_bench --bucket "${BENCH[@]}" "${SWEEP[@]:0:1}" \
+        "${SWEEP[@]: -1}" --json-out "$STATE/train_bench.jsonl"
     "$PY" -m bench.gpu_report train "$RES" "$STATE/train_bench.jsonl" >/dev/null
     "$PY" -m bench.gpu_report train "$RES" "$STATE/probe.jsonl" \
         --title "Speedrun model's bare step rate ($MODEL, char lengths), sets the speedrun's max_steps" >/dev/null
-    if [ $DRY -eq 1 ]; then echo 30 >"$STATE/speedrun_max_steps"; else
-        "$PY" -m bench.gpu_report steps "$STATE/probe.jsonl" --seconds 240 --overhead 0.6 --batch "$BATCH" >"$STATE/speedrun_max_steps"
-    fi
-    say "speedrun max_steps: $(cat "$STATE/speedrun_max_steps")"
     say "waiting for the pipeline"; wait "$PIPE_PID"
     # After the pipeline: both start a local Ray, and the eval bench wants the CPUs for its own.
     rm -rf "$STATE/eval-bench"
@@ -194,7 +198,15 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
         say "no speedrun data in $SPEED/data (part 1 not run on this machine, or its pipeline failed): run part 1"
         exit 2
     fi
-    STEPS=${GPU_CHECK_STEPS:-$(cat "$STATE/speedrun_max_steps" 2>/dev/null || cfg train max_steps)}
+    # Steps from part 1's measured step rate and the seconds this call can give (set at call time).
+    STEPS=${GPU_CHECK_STEPS:-}
+    if [ -z "$STEPS" ] && [ $DRY -eq 1 ]; then STEPS=30; fi
+    if [ -z "$STEPS" ] && [ -s "$STATE/probe.jsonl" ]; then
+        STEPS=$("$PY" -m bench.gpu_report steps "$STATE/probe.jsonl" --seconds "${GPU_CHECK_TRAIN_SECONDS:-180}" \
+            --overhead 0.6 --batch "$BATCH")
+    fi
+    STEPS=${STEPS:-$(cfg train max_steps)}
+    say "speedrun max_steps: $STEPS"
     rm -rf "$SPEED/train" "$SPEED/eval"
     step speedrun_train "$T_TRAIN" "$PY" -m train --config configs/speedrun.yaml --max-steps "$STEPS" "${TRAIN_X[@]}"
     step speedrun_eval "$T_EVAL" "$PY" -m eval --config configs/speedrun.yaml "${EVAL_X[@]}"
