@@ -58,7 +58,7 @@ def _pct(x) -> str:
 def train_section(rows: list[dict], title: str) -> str:
     out = [f"### {title}", "", f"{_now()}; {environment()}", ""]
     if not rows:
-        return "\n".join(out + ["No result: the step failed or timed out (see its log).", ""])
+        return "\n".join(out + ["No result: the step failed, timed out or was left out (see the steps table and its log).", ""])
     out += ["| model | compile | micro batch | shapes (question, answer) | step ms | samples/s | useful tok/s "
             "| MFU useful | MFU padded | max mem GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -79,7 +79,7 @@ def eval_section(path: Path) -> str:
     out = ["### 10k-row eval (bench.eval_bench --gpu)", "", f"{_now()}; {environment()}", ""]
     r = read_json(path)
     if r is None:  # missing or torn: say so, never crash (the other sections must still be written)
-        return "\n".join(out + ["No result: the step failed or timed out (see its log).", ""])
+        return "\n".join(out + ["No result: the step failed, timed out or was left out (see the steps table and its log).", ""])
     out += [f"{r['model']}; {r['rows']} rows, batch {r['batch_size']}. Target: <= 20 s on one H100.", "",
             "| what | wall s | examples/s | Ray Data part s |", "|---|---|---|---|"]
     for run in r["runs"]:

@@ -65,7 +65,7 @@ def test_report_sections(tmp_path):
     assert report(["eval", str(res), str(tmp_path / "missing.json")]) == 0
     assert report(["speedrun", str(res), str(tmp_path / "d"), str(tmp_path / "t"), str(tmp_path / "e")]) == 0
     text = res.read_text()
-    assert text.count("No result: the step failed or timed out") == 1
+    assert text.count("No result: the step failed, timed out or was left out") == 1
     assert "train: no summary.json" in text and "eval: no metrics.json" in text
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "metrics.json").write_text(json.dumps({"exact_match": 0.9612, "f1": 0.97, "rows_scored": 10000,
