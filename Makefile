@@ -11,11 +11,15 @@ ARGS    ?=
 
 # Creates .venv and installs the project + dev tools from pyproject.toml. Re-runs only when
 # pyproject.toml changes (the stamp), so it is ~instant when already done.
+# pip installs uv and torch first: torch at pyproject's exact pin, so pip's configuration picks the CPU
+# build where one lies on disk (uv looks only at the index, where that pin is a multi-GB CUDA build).
+# uv then installs the rest (torch already satisfies the pin), resolving and downloading in parallel.
+TORCH_PIN = $(shell grep -o '"torch==[^"]*"' pyproject.toml)
 setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-compile uv $(TORCH_PIN)
+	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]"
 	touch $(STAMP)
 
 # The main job end to end on the embedded default (offline, CPU): pipeline -> eval before -> train -> eval after.

@@ -71,7 +71,9 @@ class LocalHead:
 
     def stop(self) -> list[int]:
         procs = processes_of(self.process.pid, session=self.process.pid)
-        left = stop_processes(procs)
+        # 3 s of SIGTERM, then SIGKILL: some of the head's processes outwait a grace period (seen: the
+        # default 10 s all spent in teardown), and the temp dir goes with them.
+        left = stop_processes(procs, grace_s=3.0)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)  # reap it: a zombie head would look alive to the next check
         return left
