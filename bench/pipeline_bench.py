@@ -3,7 +3,8 @@ same tokenizer; and `--source generate` vs the single-process generator.
 
     python -m bench.pipeline_bench --rows 200000 2000000      # file runs (hub's wrapped Parquet form)
     python -m bench.pipeline_bench --gen-rows 8000             # generator runs
-    python -m bench.pipeline_bench --rows --writer-rows 2000000  # the driver's writing alone (no Ray)
+    python -m bench.pipeline_bench --rows --writer-rows 2000000  # the writing alone: workers' and driver's CPU
+    python -m bench.pipeline_bench --rows --driver-rows 400000   # the driver's own CPU in a whole run
 
 Fixtures live in bench/out/ (git-ignored) and are made once: a T5-kind SentencePiece-unigram tokenizer
 (vocab 1000, trained with `tokenizers` on generated rows) and wrapped Parquet files in the hub's layout
@@ -68,9 +69,11 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log,
                                 stderr=subprocess.STDOUT, text=True)
         ps = psutil.Process(proc.pid)
-        peak = 0
+        peak, driver_cpu = 0, 0.0
         while proc.poll() is None:
             try:
+                t = ps.cpu_times()  # the measured process alone (the pipeline's driver), not its children
+                driver_cpu = t.user + t.system
                 rss = ps.memory_info().rss
                 for child in ps.children(recursive=True):
                     with contextlib.suppress(psutil.Error):  # a child may exit between listing and reading
@@ -84,7 +87,8 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
         out = log.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak / 2**20), "tail": out.strip().splitlines()[-1:]}
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak / 2**20), "tail": out.strip().splitlines()[-1:],
+            "driver_cpu_s": round(driver_cpu, 2)}  # sampled every 0.2 s: up to 0.2 s of the end missing
 
 
 def base_rows() -> tuple[list[str], list[str]]:
@@ -212,11 +216,10 @@ import numpy as np, pyarrow as pa
 from pathlib import Path
 from cluster.core import load_tokenizer
 from pipeline.config import PipelineConfig
-from pipeline.job import OutputWriter
+from pipeline.job import Totals, write_splits
 from pipeline.tokenize_step import TokenizeBatch
 from pipeline.validate import prepare_text
-from pipeline.write import SHUFFLE_BUCKET_ROWS, SplitWriter
-from cluster.core import DATA_SCHEMA
+from pipeline.write import SHUFFLE_BUCKET_ROWS, UnitWriter
 rows, mode, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 # a 49,152-row base in the generator's style, tokenized once (char tokenizer) like the workers do it
 rng = np.random.default_rng(0)
@@ -234,53 +237,102 @@ tokenized = step(prepare_text(raw, max_chars=2000))
 tok_s = time.process_time() - t0
 batches = [tokenized.slice(i, 8192) for i in range(0, base, 8192)]
 cfg = PipelineConfig(output=str(out))
-w = OutputWriter(cfg, out, buckets=max(1, -(-rows // SHUFFLE_BUCKET_ROWS)))
-if mode == "ordered":  # the writer before the shuffle: train/validation streamed in source order
-    for s in ("train", "validation"):
-        w.writers[s] = SplitWriter(out / s, DATA_SCHEMA, cfg.rows_per_file)
+buckets = max(1, -(-rows // SHUFFLE_BUCKET_ROWS))
 regimes = ["train-easy", "train-medium", "train-hard"]
+UNIT = 50_000  # rows per read unit: a Parquet read range or a generator shard
 t0, c0 = time.perf_counter(), time.process_time()
-done = 0
-while done < rows:
-    batch = batches[(done // 8192) % len(batches)].slice(0, rows - done)
+summaries, done, unit = [], 0, 0
+while done < rows:  # the workers' first step: each unit's rows into its own spill files, a summary back
+    w = UnitWriter(out / ".shuffle", unit, strict=False)
+    end = min(rows, done + UNIT)
     regime = regimes[min(2, 3 * done // rows)]  # the source's order: easy, then medium, then hard
-    batch = batch.set_column(batch.schema.get_field_index("regime"), "regime", pa.array([regime] * batch.num_rows))
-    w.add(batch)
-    done += batch.num_rows
-t_add, c_add = time.perf_counter() - t0, time.process_time() - c0
-counts, files, _ = w.close()
+    while done < end:
+        batch = batches[(done // 8192) % len(batches)].slice(0, min(8192, end - done))
+        w.add(batch.set_column(batch.schema.get_field_index("regime"), "regime", pa.array([regime] * batch.num_rows)))
+        done += batch.num_rows
+    summaries.append(json.dumps(w.close()))
+    unit += 1
+c_units = time.process_time() - c0
+c1 = time.process_time()
+totals = Totals(len(summaries))  # the driver: add up the summaries (all it does per unit)
+for s in summaries:
+    totals.add(json.loads(s))
+totals.check_complete()
+counts = totals.counts()
+totals.length_stats()
+c_driver = time.process_time() - c1
+c2 = time.process_time()
+files = write_splits(totals, cfg, out, buckets, run_tasks=lambda fn, calls: [fn(*a) for a in calls])
+c_tasks = time.process_time() - c2
 total, cpu = time.perf_counter() - t0, time.process_time() - c0
 assert counts["rows_in"] == rows, counts
-print(json.dumps({"mode": mode, "rows": rows, "write_s": round(total, 2), "add_s": round(t_add, 2),
-                  "close_s": round(total - t_add, 2), "cpu_s": round(cpu, 2), "add_cpu_s": round(c_add, 2),
-                  "close_cpu_s": round(cpu - c_add, 2), "writer_rows_per_cpu_s": round(rows / cpu),
+print(json.dumps({"mode": mode, "rows": rows, "units": len(summaries), "buckets": buckets, "write_s": round(total, 2),
+                  "cpu_s": round(cpu, 2), "unit_write_cpu_s": round(c_units, 2),
+                  "driver_cpu_s": round(c_driver, 3), "scatter_and_parts_cpu_s": round(c_tasks, 2),
+                  "driver_rows_per_cpu_s": round(rows / max(c_driver, 1e-6)),
+                  "worker_rows_per_cpu_s": round(rows / (c_units + c_tasks)),
+                  "summary_bytes_per_unit": round(sum(map(len, summaries)) / len(summaries)),
                   "writer_rows_per_s": round(rows / total),
                   "tokenize_rows_per_s_one_core": round(base / tok_s)}))
 """
 
 
 def bench_writer(rows: int) -> list[dict]:
-    """The driver's writing alone (OutputWriter fed synthetic tokenized 8,192-row batches, as Ray Data hands
-    them over), with the seeded shuffle and without it (train/validation in source order, the old way);
-    one fresh process each, peak RSS measured. Also the same rows' clean + tokenize rate on one core."""
-    res = []
-    for mode in ("ordered", "shuffled"):
-        out = OUT / "writer_out"
-        shutil.rmtree(out, ignore_errors=True)
-        r = measure([PY, "-c", WRITER_SCRIPT, str(rows), mode, str(out)], env={"PYTHONPATH": str(ROOT)})
-        res.append({"way": f"driver writer, {mode}", **json.loads(r["tail"][0]), "wall_s": r["wall_s"],
-                    "peak_rss_mib": r["peak_rss_mib"]})
-        print(json.dumps(res[-1]), flush=True)
-    for x in res:
-        x["rows_per_s"] = x["writer_rows_per_s"]
-    return res
+    """The pipeline's writing alone (no Ray), fed synthetic tokenized 8,192-row batches in 50k-row read units:
+    the workers' side (UnitWriter per unit, then the scatter and part tasks, run here one after another) and
+    the driver's side (adding up the units' summaries), in CPU seconds of one fresh process, peak RSS
+    measured. Also the same rows' clean + tokenize rate on one core. (Before the workers wrote, the driver
+    did all of it: main's `OutputWriter`, measured by this benchmark's earlier version; bench/RESULTS.md.)"""
+    out = OUT / "writer_out"
+    shutil.rmtree(out, ignore_errors=True)
+    r = measure([PY, "-c", WRITER_SCRIPT, str(rows), "workers", str(out)], env={"PYTHONPATH": str(ROOT)})
+    res = {"way": "workers write, driver adds summaries", **json.loads(r["tail"][0]), "wall_s": r["wall_s"],
+           "peak_rss_mib": r["peak_rss_mib"]}
+    res["rows_per_s"] = res["writer_rows_per_s"]
+    print(json.dumps(res), flush=True)
+    return [res]
+
+
+def bench_driver(rows: int) -> list[dict]:
+    """`python -m pipeline` over a synthetic Parquet source (train files of 50k rows in linear_1d's style,
+    already clean, plus 10k test rows; char tokenizer): the driver process's own CPU seconds per row, the
+    number that limits a large cluster when the driver writes. Run it from a checkout of the code to compare
+    (the fixture is made once per checkout in its bench/out/)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = OUT / f"synthetic_{rows}"
+    if not (src / "done").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i, start in enumerate(range(0, rows + TEST_ROWS, 50_000)):
+            n = min(50_000, rows + TEST_ROWS - start)
+            a, b, c = (rng.integers(-999, 999, n) for _ in range(3))
+            q = [f"Solve {x}*v + {y} = {z}*v - {x + y} for v." for x, y, z in zip(a, b, c, strict=True)]
+            ans = [str(int(x)) for x in rng.integers(-30, 30, n)]
+            name = f"test-{i:05d}.parquet" if start >= rows else f"train-{i:05d}.parquet"
+            pq.write_table(pa.table({"question": q, "answer": ans}), src / name)
+        (src / "done").write_text("")
+    out = OUT / "driver_out"
+    shutil.rmtree(out, ignore_errors=True)
+    r = measure([PY, "-m", "pipeline", "--source", str(src), "--tokenizer", "char", "--output", str(out),
+                 "--address", "local"], env={"HF_HUB_OFFLINE": "1"})
+    manifest = json.loads((out / "manifest.json").read_text())
+    res = {"way": "python -m pipeline, driver CPU", "rows": manifest["rows_in"], **r, "rows_per_s":
+           round(manifest["rows_in"] / r["wall_s"]), "driver_rows_per_cpu_s": round(manifest["rows_in"] / r["driver_cpu_s"]),
+           "timings_s": manifest["timings_s"]}
+    print(json.dumps(res), flush=True)
+    return [res]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="*", default=[200_000], help="file-source sizes (rows)")
     p.add_argument("--gen-rows", type=int, default=0, help="rows for the generator comparison (0 = skip)")
-    p.add_argument("--writer-rows", type=int, default=0, help="rows for the driver-writer benchmark (0 = skip)")
+    p.add_argument("--writer-rows", type=int, default=0, help="rows for the writing benchmark (0 = skip)")
+    p.add_argument("--driver-rows", type=int, default=0, help="rows for the driver-CPU run (0 = skip)")
     p.add_argument("--skip-single", action="store_true", help="skip the seed's single-process run")
     p.add_argument("--tokenizers", nargs="*", default=["unigram-1000", "char"], help="unigram-1000 and/or char")
     args = p.parse_args()
@@ -294,6 +346,8 @@ def main() -> None:
         results += bench_generate(args.gen_rows)
     if args.writer_rows:
         results += bench_writer(args.writer_rows)
+    if args.driver_rows:
+        results += bench_driver(args.driver_rows)
     info["load_avg_end"] = os.getloadavg()
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"pipeline_bench_{int(time.time())}.json"

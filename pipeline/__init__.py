@@ -5,7 +5,8 @@
 Python API: `pipeline.run(cfg, ray_cfg) -> manifest dict` (see pipeline/job.py).
 """
 
-from pipeline.job import OutputError, RejectError, run
+from cluster.core import RejectError
+from pipeline.job import OutputError, run
 from pipeline.sources import SourceError
 
 __all__ = ["run", "SourceError", "OutputError", "RejectError"]

@@ -71,10 +71,10 @@ class PipelineConfig:
     batch_size: int = 8_192
     """Rows per Ray Data batch (clean + tokenize)."""
     tokenize_workers: int = 0
-    """Worker actors, each reading/generating, cleaning and tokenizing whole units (Ray fuses the read
-    step into the tokenizer's actor pool, so this is the job's whole parallelism). 0 = auto: every CPU of
-    the cluster but one, which the driver needs to write (measured on the 16-CPU GPU node: the old
-    "half the CPUs" default generated the 2M rows at 6.2k rows/s on 8 of its 16 cores)."""
+    """Worker actors, each reading/generating, cleaning, tokenizing and writing whole units (one actor pool,
+    so this is the job's whole parallelism). 0 = auto: every CPU of the cluster but one, left to the driver
+    (Ray Data's executor; measured on the 16-CPU GPU node: the old "half the CPUs" default generated the
+    2M rows at 6.2k rows/s on 8 of its 16 cores)."""
     rows_per_file: int = 500_000
     """Rows per output Parquet file."""
 

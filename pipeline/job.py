@@ -1,19 +1,24 @@
-"""The pipeline stage end to end: find the source's read units, read + clean + validate in Ray tasks, tokenize in a
-Ray Data actor pool, and stream the ordered result to Parquet on the driver.
+"""The pipeline stage end to end: find the source's read units, then in Ray workers read + clean + validate +
+tokenize each unit and write its rows, shuffle train/validation into their final order, and write Parquet.
 
-    find_units (driver)  ->  read_unit + prepare_text (tasks)  ->  TokenizeBatch (actors)  ->  write (driver)
+    find_units (driver) -> ProcessUnit (actor pool: read_unit, prepare_text, TokenizeBatch, UnitWriter)
+        -> scatter_units (a task per ~500k rows of units) -> write_part (a task per output file)
+        -> manifest (driver)
 
-Why the writes happen on the driver: it sees the rows in a deterministic order (preserve_order), so it
-can shuffle train/validation with a seeded bucket shuffle and cut files at fixed row counts
-(byte-identical output), count every row once (rows_in = kept + rejected, checked), and keep exact length
-histograms for the manifest. Writing Parquet is cheap next to tokenizing (bench/RESULTS.md measures the
-driver's ceiling); the heavy per-row work stays in the workers.
+Why the workers write: the driver's write ceiling (counting, histograms, spilling and permuting every row)
+measured ~87k rows/s of driver CPU, below what a 100-CPU cluster generates (bench/RESULTS.md, "Pipeline:
+shuffle and the driver's write ceiling"). Now the driver does no per-row work: each unit returns a summary
+(counts by split, module, regime and reject reason; exact token-length histograms; rows per spill file),
+the driver adds them up (rows_in = kept + rejected, checked, also against the rows the parts hold) and
+hands out the row ranges. The output is the one a single process writes from the stream of units in order
+(pipeline/write.py: ShuffleWriter's seeded bucket shuffle, fixed rows per file): byte-identical for a seed
+and config, whatever the worker count, the order units finish in, or a worker killed and retried.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -21,8 +26,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
+import numpy as np
 
 from cluster.config import RayConfig
 from cluster.connect import init_ray
@@ -32,7 +36,6 @@ from cluster.core import (
     SPLITS,
     ConfigError,
     OutputError,
-    RejectError,
     SourceError,
     check_push,
     check_writable,
@@ -50,11 +53,19 @@ from pipeline.tokenize_step import TokenizeBatch
 from pipeline.validate import REASONS, prepare_text
 from pipeline.write import (
     MAX_SHUFFLE_BUCKETS,
+    SCATTER_ROWS,
     SHUFFLE_BUCKET_ROWS,
     LengthStats,
-    ShuffleWriter,
-    SplitWriter,
+    Segment,
+    UnitWriter,
+    bucket_spill,
     content_hash,
+    part_pieces,
+    scatter_groups,
+    scatter_units,
+    stream_key,
+    unit_spill,
+    write_part,
 )
 
 log = logging.getLogger("mathtune.pipeline")
@@ -77,15 +88,17 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None) -> dict:
     out = prepare_output(Path(cfg.output))
     t_plan = time.time()
     init_ray(ray_cfg)
-    # Ray Data tasks on other nodes write the shards: the output must be shared storage (cluster/storage.py).
+    # Workers on other nodes write the spill files and the parts: the output must be shared storage
+    # (cluster/storage.py).
     require_shared_storage({"pipeline.output": (str(out), False)}, ray_cfg, {"CPU": 1})
     t_ray = time.time()
     try:
-        with ordered_execution():
-            ds = build_dataset(cfg, units, tokenizer, fraction)
-            counts, files, stats = write_splits(ds, cfg, out, buckets)
+        totals = process_units(cfg, units, tokenizer, fraction, out)
+        t_units = time.time()
+        files = write_splits(totals, cfg, out, buckets)
     except Exception as e:  # a reader's SourceError arrives wrapped by Ray: surface the message itself
         raise (find_user_error(e) or e) from e
+    counts, stats = totals.counts(), totals.length_stats()
     if counts["rows_in"] == 0:
         raise SourceError(f"source {cfg.source} has no rows (empty files?); nothing to write")
 
@@ -107,7 +120,8 @@ def run(cfg: PipelineConfig, ray_cfg: RayConfig | None = None) -> dict:
         "reject_reasons": REASONS,
         "elapsed_s": round(elapsed, 3),
         "timings_s": {"plan": round(t_plan - t0, 3), "ray_init": round(t_ray - t_plan, 3),
-                      "read_clean_tokenize_write": round(t_rows - t_ray, 3), "finish": round(elapsed - (t_rows - t0), 3)},
+                      "read_clean_tokenize_write": round(t_units - t_ray, 3), "shuffle_write": round(t_rows - t_units, 3),
+                      "finish": round(elapsed - (t_rows - t0), 3)},
         "rows_per_s": round(counts["rows_in"] / elapsed, 1) if elapsed > 0 else None,
         "complete": True,  # written last: the manifest file appears atomically, only when all is done
     }
@@ -159,21 +173,6 @@ def _count_rows(unit: ReadUnit) -> int:
     return lines // 2 if unit.kind == "v1txt" else lines
 
 
-@contextlib.contextmanager
-def ordered_execution():
-    """Ray Data's preserve_order (deterministic row order -> byte-identical output) for this job only:
-    DataContext is process-global, so the caller's setting is restored afterwards."""
-    from ray.data import DataContext
-
-    opts = DataContext.get_current().execution_options
-    old = opts.preserve_order
-    opts.preserve_order = True
-    try:
-        yield
-    finally:
-        opts.preserve_order = old
-
-
 def shuffle_buckets(units: list[ReadUnit]) -> int:
     """Spill buckets of the train/validation shuffle: enough that one bucket (read back whole at close)
     holds about SHUFFLE_BUCKET_ROWS rows (at most MAX_SHUFFLE_BUCKETS). Counted from the read units (files without a cheap row count are
@@ -197,121 +196,149 @@ def pool_size(configured: int, cpus: int) -> int:
     workers = configured or max(1, cpus - 1)
     if workers >= cpus > 1:
         raise ConfigError(f"pipeline.tokenize_workers={workers} would hold all {cpus} CPUs of the cluster and "
-                          f"leave none for the driver, which writes the output; use at most {cpus - 1}")
+                          f"leave none for the driver, which runs Ray Data's executor; use at most {cpus - 1}")
     return workers
 
 
-def build_dataset(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fraction: float):
+class ProcessUnit:
+    """The actor pool's UDF: one read unit per call, read, cleaned, tokenized and written by this worker
+    (UnitWriter); only the unit's summary (JSON, a few hundred bytes) goes back to the driver. One step, so
+    a unit's rows never cross the object store; the tokenizer is built once per actor."""
+
+    def __init__(self, units: list[ReadUnit], cfg: PipelineConfig, spill: str, tokenize: dict):
+        self.units, self.cfg, self.spill = units, cfg, Path(spill)
+        self.tokenize = TokenizeBatch(**tokenize)
+
+    def __call__(self, batch: dict):
+        # A generator, not a return: Ray Data wraps an exception raised by the call itself in a
+        # UserCodeException that reaches the driver without its cause, while one raised as the generator runs
+        # arrives as itself, so a reader's SourceError (or --strict's RejectError) stays a one-line error.
+        for i in batch["unit"]:
+            writer = UnitWriter(self.spill, int(i), strict=self.cfg.strict)
+            for raw in read_unit(self.units[int(i)], self.cfg.batch_size):
+                writer.add(self.tokenize(prepare_text(raw, max_chars=self.cfg.max_text_chars,
+                                                      answer_pattern=self.cfg.answer_pattern)))
+            yield {"unit": np.array([i]), "summary": np.array([json.dumps(writer.close())], dtype=object)}
+
+
+def process_units(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fraction: float, out: Path) -> Totals:
+    """Every unit through the actor pool; returns the added-up summaries (the driver's only per-unit work)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-
-    def read_and_prepare(batch: dict):
-        # One read unit per call (batch_size=1): a generator shard or one file, streamed in batches.
-        for i in batch["unit"]:
-            for raw in read_unit(units[int(i)], cfg.batch_size):
-                yield prepare_text(raw, max_chars=cfg.max_text_chars, answer_pattern=cfg.answer_pattern)
-
     workers = pool_size(cfg.tokenize_workers, int(ray.cluster_resources().get("CPU", 1)))
-    return (
-        ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
-        # Same remote args on both steps, so Ray fuses them into one operator: each unit is read, cleaned
-        # and tokenized in one worker, with no object-store hop between (the fastest layout measured on 2
-        # cores, bench/RESULTS.md). The generator's rows depend on the string-hash seed
-        # (pipeline/generate.py): fix it in the workers.
-        .map_batches(read_and_prepare, batch_size=1, batch_format="numpy", num_cpus=1,
-                     runtime_env={"env_vars": dict(WORKER_ENV)})
-        .map_batches(
-            TokenizeBatch,
-            fn_constructor_kwargs=dict(
-                tokenizer_json=tokenizer.backend_tokenizer.to_str(), eos_id=tokenizer.eos_token_id,
-                unk_id=tokenizer.unk_token_id, max_input_tokens=cfg.max_input_tokens,
-                max_label_tokens=cfg.max_label_tokens, validation_fraction=fraction, seed=cfg.seed,
-            ),
-            # batch_size=None: whole blocks, which the reader already cut at cfg.batch_size rows. A row count
-            # here would make Ray bundle ~8k one-row *unit* blocks into a single fused task (no parallelism).
-            batch_size=None, batch_format="pyarrow", compute=ActorPoolStrategy(size=workers), num_cpus=1,
-            runtime_env={"env_vars": dict(WORKER_ENV)},
-        )
+    tokenize = dict(tokenizer_json=tokenizer.backend_tokenizer.to_str(), eos_id=tokenizer.eos_token_id,
+                    unk_id=tokenizer.unk_token_id, max_input_tokens=cfg.max_input_tokens,
+                    max_label_tokens=cfg.max_label_tokens, validation_fraction=fraction, seed=cfg.seed)
+    ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units)).map_batches(
+        ProcessUnit, fn_constructor_kwargs=dict(units=units, cfg=cfg, spill=str(out / ".shuffle"), tokenize=tokenize),
+        batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=workers), num_cpus=1,
+        # The generator's rows depend on the string-hash seed (pipeline/generate.py): fix it in the workers.
+        runtime_env={"env_vars": dict(WORKER_ENV)},
     )
+    totals = Totals(len(units))
+    # Units finish in any order (no preserve_order needed): the totals and the row ranges are by unit index.
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for summary in batch["summary"].to_pylist():
+            totals.add(json.loads(summary))
+    totals.check_complete()
+    return totals
 
 
-def write_splits(ds, cfg: PipelineConfig, out: Path, buckets: int) -> tuple[dict, dict, dict]:
-    writer = OutputWriter(cfg, out, buckets)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-        writer.add(batch)
-    return writer.close()
+def ray_tasks(fn, calls: list[tuple]) -> list:
+    """fn(*args) for each call, as Ray tasks of one CPU each (retried if their worker dies); results in order."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(fn)
+    return ray.get([task.remote(*args) for args in calls])
 
 
-class OutputWriter:
-    """The driver's side of the job: takes the tokenized stream batch by batch (in its deterministic order)
-    and writes kept rows to their split (train/validation shuffled, test in order), rejects to rejects/,
-    while counting every row by split, module, regime and reason, and token lengths by split and module."""
+def write_splits(totals: Totals, cfg: PipelineConfig, out: Path, buckets: int, run_tasks=ray_tasks,
+                 scatter_rows: int = SCATTER_ROWS) -> dict[str, list[Path]]:
+    """The units' spill files -> the final parts, in tasks (run_tasks: Ray's by default): train/validation rows
+    scattered into shuffle buckets (a task per run of consecutive units, its stream offset from the counts),
+    then a task per output file. Returns the files by split (and rejects), after checking they hold exactly
+    the rows the units wrote."""
+    spill = out / ".shuffle"
+    keys = {kind: stream_key(cfg.seed, kind) for kind in ("train", "validation")}
+    # (spill, kind, units, the split's rows before them, buckets, key): train's and validation's at once
+    calls = [(spill, kind, units, before, buckets, key) for kind, key in keys.items()
+             for units, before in scatter_groups(totals.unit_rows(kind), scatter_rows)]
+    by_bucket: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)  # (kind, bucket) -> [(unit, rows)]
+    for (_, kind, units, *_), counts in zip(calls, run_tasks(scatter_units, calls), strict=True):
+        for b, n in counts.items():
+            by_bucket[(kind, b)].append((units[0], n))
+    segments: dict[str, list[Segment]] = {}
+    for kind, key in keys.items():
+        segments[kind] = [Segment(tuple(str(bucket_spill(spill, kind, b, u)) for u, _ in sorted(by_bucket[(k, b)])),
+                                  sum(n for _, n in by_bucket[(k, b)]), (key, b)) for k, b in sorted(by_bucket) if k == kind]
+        shutil.rmtree(spill / kind / "units", ignore_errors=True)  # scattered: the unit files are no longer read
+    for kind in ("test", "rejects"):  # source order: each unit's rows in turn
+        segments[kind] = [Segment((str(unit_spill(spill, kind, u)),), n) for u, n in enumerate(totals.unit_rows(kind))
+                          if n]
+    calls = [(out / kind, REJECT_SCHEMA if kind == "rejects" else DATA_SCHEMA, cfg.rows_per_file, i, pieces)
+             for kind in (*SPLITS, "rejects") for i, pieces in enumerate(part_pieces(segments[kind], cfg.rows_per_file))]
+    files: dict[str, list[Path]] = {kind: [] for kind in (*SPLITS, "rejects")}
+    written: Counter = Counter()
+    for (directory, *_), (path, n) in zip(calls, run_tasks(write_part, calls), strict=True):
+        files[directory.name].append(path)
+        written[directory.name] += n
+    for kind in files:
+        if written[kind] != sum(totals.unit_rows(kind)):
+            raise RuntimeError(f"row accounting broken: {kind} parts hold {written[kind]} rows, the units wrote "
+                               f"{sum(totals.unit_rows(kind))}; refusing to write a manifest")
+    shutil.rmtree(spill, ignore_errors=True)
+    return files
 
-    def __init__(self, cfg: PipelineConfig, out: Path, buckets: int):
-        self.cfg, self.out = cfg, out
-        # train and validation in a seeded random order (readers stream mixed rows); test in source order
-        self.writers = {s: ShuffleWriter(out / s, DATA_SCHEMA, cfg.rows_per_file, seed=cfg.seed, buckets=buckets,
-                                         spill_dir=out / ".shuffle" / s) for s in ("train", "validation")}
-        self.writers["test"] = SplitWriter(out / "test", DATA_SCHEMA, cfg.rows_per_file)
-        self.rejects = SplitWriter(out / "rejects", REJECT_SCHEMA, cfg.rows_per_file)
-        self.stats = {s: LengthStats() for s in SPLITS}
-        self.module_stats: dict[tuple[str, str], LengthStats] = defaultdict(LengthStats)
+
+class Totals:
+    """The driver's side of the job: the units' summaries added up (no per-row work), into the manifest's
+    counts by split, module, regime and reason and its token-length histograms by split and module."""
+
+    def __init__(self, n_units: int):
+        self.n_units = n_units
+        self.units: set[int] = set()
+        self.rows: dict[str, np.ndarray] = {k: np.zeros(n_units, dtype=np.int64) for k in (*SPLITS, "rejects")}
         self.rows_in: Counter = Counter()  # by source split (validation rows count under train: carved from it)
         self.rejected: dict[str, Counter] = defaultdict(Counter)
         self.kept_by_module: Counter = Counter()  # (module, split, regime) -> rows
         self.rejected_by_module: Counter = Counter()  # (module, source split, regime) -> rows
         self.skipped: Counter = Counter()  # module -> samples the generator skipped
+        self.module_stats: dict[tuple[str, str], LengthStats] = defaultdict(LengthStats)
 
-    def add(self, batch: pa.Table) -> None:
-        source_split = pc.if_else(pc.equal(batch["split"], "validation"), "train", batch["split"])
-        self.rows_in.update(_value_counts(source_split))
-        if pc.max(batch["source_skipped"]).as_py():
-            for (module,), n in _group_sum(batch, ["module"], "source_skipped").items():
-                self.skipped[module] += n
-        is_rejected = pc.is_valid(batch["reject"])
-        if pc.any(is_rejected).as_py():
-            bad = batch.filter(is_rejected)
-            if self.cfg.strict:
-                first = bad.slice(0, 1).to_pylist()[0]
-                raise RejectError(
-                    f"--strict: {bad.num_rows} row(s) in this batch rejected, first reason {first['reject']!r} "
-                    f"({REASONS[first['reject']]}); e.g. question={first['question_raw']!r} "
-                    f"answer={first['answer_raw']!r}. Fix the source or run without --strict to write rejects")
-            bad_split = pc.if_else(pc.equal(bad["split"], "validation"), "train", bad["split"])
-            bad = bad.set_column(bad.schema.get_field_index("split"), "split", bad_split)
-            for (split, reason), n in _group_sum(bad, ["split", "reject"]).items():
-                self.rejected[split][reason] += n
-            self.rejected_by_module.update(_group_sum(bad, ["module", "split", "regime"]))
-            self.rejects.write(pa.table({"split": bad_split, "regime": bad["regime"], "module": bad["module"],
-                                         "reason": bad["reject"], "question": bad["question_raw"],
-                                         "answer": bad["answer_raw"]}))
-            batch = batch.filter(pc.invert(is_rejected))
-        if batch.num_rows == 0:
-            return
-        self.kept_by_module.update(_group_sum(batch, ["module", "split", "regime"]))
-        present = pc.unique(batch["split"]).to_pylist()
-        for split in present:  # usually one split and one module per batch (a unit is one file or shard)
-            part = batch if len(present) == 1 else batch.filter(pc.equal(batch["split"], split))
-            self.writers[split].write(part)
-            self.stats[split].add(part)
-            modules = pc.unique(part["module"]).to_pylist()
-            for module in modules:
-                one = part if len(modules) == 1 else part.filter(pc.equal(part["module"], module))
-                self.module_stats[(module, split)].add(one)
+    def add(self, summary: dict) -> None:
+        u = summary["unit"]
+        if u in self.units:  # Ray Data delivers each unit's output once, also when a worker died and it was retried
+            raise RuntimeError(f"read unit {u} reported twice; refusing to count its rows again")
+        self.units.add(u)
+        for kind, n in summary["rows"].items():
+            self.rows[kind][u] = n
+        self.rows_in.update(summary["rows_in"])
+        for split, reason, n in summary["rejected"]:
+            self.rejected[split][reason] += n
+        self.kept_by_module.update({tuple(k): n for *k, n in summary["kept_by_module"]})
+        self.rejected_by_module.update({tuple(k): n for *k, n in summary["rejected_by_module"]})
+        self.skipped.update(dict(summary["skipped"]))
+        for module, split, inputs, labels in summary["lengths"]:
+            self.module_stats[(module, split)].merge(inputs, labels)
 
-    def close(self) -> tuple[dict, dict, dict]:
-        files = {s: self.writers[s].close() for s in SPLITS}
-        files["rejects"] = self.rejects.close()
-        shutil.rmtree(self.out / ".shuffle", ignore_errors=True)
-        kept = {s: self.writers[s].rows for s in SPLITS}
+    def check_complete(self) -> None:
+        if len(self.units) != self.n_units:
+            missing = sorted(set(range(self.n_units)) - self.units)
+            raise RuntimeError(f"{len(missing)} of {self.n_units} read units never reported (first: {missing[:5]})")
+
+    def unit_rows(self, kind: str) -> list[int]:
+        return self.rows[kind].tolist()
+
+    def counts(self) -> dict:
+        kept = {s: int(self.rows[s].sum()) for s in SPLITS}
         n_rejected = sum(sum(c.values()) for c in self.rejected.values())
         n_in = sum(self.rows_in.values())
         # The accounting invariant: every row read is written exactly once, as kept or as rejected. A real
         # check (not an assert, which python -O removes): a broken invariant must never write a manifest.
-        if not n_in == sum(kept.values()) + n_rejected == sum(kept.values()) + self.rejects.rows:
+        if not n_in == sum(kept.values()) + n_rejected == sum(kept.values()) + int(self.rows["rejects"].sum()):
             raise RuntimeError(f"row accounting broken: {n_in} rows in, kept {kept}, rejected {n_rejected} "
-                               f"(rejects file {self.rejects.rows}); refusing to write a manifest")
+                               f"(rejects file {int(self.rows['rejects'].sum())}); refusing to write a manifest")
         counts = {
             "rows_in": n_in,
             "rows_kept": sum(kept.values()),
@@ -326,24 +353,18 @@ class OutputWriter:
             "rows_rejected_by_module": _nest(self.rejected_by_module),
             "generator_skipped_samples": dict(sorted(self.skipped.items(), key=lambda kv: str(kv[0]))),
         }
-        stats = {s: st.to_dict() for s, st in self.stats.items()}
         by_module: dict = defaultdict(dict)
         for (module, split), st in sorted(self.module_stats.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
             by_module[str(module)][split] = st.to_dict()
         counts["token_lengths_by_module"] = dict(by_module)
-        return counts, files, stats
+        return counts
 
-
-def _value_counts(x: pa.Array | pa.ChunkedArray) -> Counter:
-    return Counter({v["values"]: v["counts"] for v in pc.value_counts(x).to_pylist()})
-
-
-def _group_sum(t: pa.Table, keys: list[str], column: str | None = None) -> Counter:
-    """Rows (or the sum of `column`) per distinct combination of `keys`: {(k1, k2, ...): n}."""
-    agg = (column, "sum") if column else ([], "count_all")
-    name = f"{column}_sum" if column else "count_all"
-    g = t.select(keys + ([column] if column else [])).group_by(keys).aggregate([agg])
-    return Counter({tuple(r[k] for k in keys): r[name] for r in g.to_pylist()})
+    def length_stats(self) -> dict:
+        """Token lengths by split: the modules' histograms added up."""
+        stats = {s: LengthStats() for s in SPLITS}
+        for (_, split), st in self.module_stats.items():
+            stats[split].merge(st.inputs, st.labels)
+        return {s: st.to_dict() for s, st in stats.items()}
 
 
 def _nest(counts: Counter) -> dict:

@@ -359,7 +359,7 @@ def _read_generate(unit: ReadUnit) -> Iterator[pa.Table]:
     t = _raw_table(pa.array(q, pa.string()), pa.array(a, pa.string()))
     n = len(q)
     # The samples the generator itself skipped (over its length caps) ride on the shard's first row, so
-    # the driver can count them for the manifest (they never become rows).
+    # the unit's summary counts them for the manifest (they never become rows).
     counts = np.zeros(n, dtype=np.int64)
     if n:
         counts[0] = skipped

@@ -84,7 +84,8 @@ def test_generate_end_to_end_manifest_matches_parquet(generated):
 
 
 def _tokenize_workers() -> list[int]:
-    """Pids of this Ray session's tokenize actors: the raylet's children titled ray::MapWorker(...TokenizeBatch)."""
+    """Pids of this Ray session's read/tokenize/write actors: the raylet's children titled
+    ray::MapWorker(...ProcessUnit)."""
     import psutil
     import ray
 
@@ -96,19 +97,20 @@ def _tokenize_workers() -> list[int]:
             title = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        if title.startswith("ray::") and "MapWorker" in title and "TokenizeBatch" in title:
+        if title.startswith("ray::") and "MapWorker" in title and "ProcessUnit" in title:
             pids.append(p.pid)
     return pids
 
 
 def test_same_bytes_with_another_worker_count_and_a_worker_killed_mid_tokenization(generated, tmp_path):
     """Two guarantees, one pipeline run: the same seed gives the same bytes with another worker count (1
-    tokenize worker here, 3 in the fixture's run), and so it does when that worker is SIGKILLed from outside
-    (by pid, as a preempted node would) while the job runs: Ray restarts it and retries its batch."""
+    worker here, 3 in the fixture's run), and so it does when that worker is SIGKILLed from outside (by pid,
+    as a preempted node would) while the workers write their units' files: Ray restarts it and retries its
+    unit, which rewrites its own files (never appends): no row missing or twice."""
     _, first = generated
     out = tmp_path / "data"
     result: dict = {}
-    # small batches: many blocks, so the job is still tokenizing when the first rows reach the writer
+    # small batches: each unit takes a while, so the job is still tokenizing when the first units are written
     job = threading.Thread(target=lambda: result.update(m=run(PipelineConfig(
         output=str(out), batch_size=10, tokenize_workers=1, **GEN))))
     job.start()
@@ -116,7 +118,7 @@ def test_same_bytes_with_another_worker_count_and_a_worker_killed_mid_tokenizati
     deadline = time.time() + 120
     while killed is None and job.is_alive() and time.time() < deadline:
         pids = _tokenize_workers()
-        if pids and any((out / ".shuffle").glob("*/bucket-*.arrow")):  # rows are flowing: mid-stream
+        if pids and any((out / ".shuffle").glob("*/units/unit-*")):  # workers are writing: mid-stream
             os.kill(pids[0], signal.SIGKILL)
             killed = pids[0]
         time.sleep(0.05)
@@ -125,6 +127,59 @@ def test_same_bytes_with_another_worker_count_and_a_worker_killed_mid_tokenizati
     faulty = result["m"]
     assert faulty["rows_in"] == first["rows_in"] and faulty["rows_kept_by_split"] == first["rows_kept_by_split"]
     assert faulty["content_sha256"] == first["content_sha256"]
+
+
+def _file_source(root: Path) -> Path:
+    """Four train files (one with bad rows) and two test files: six read units of several batches each."""
+    src = root / "src"
+    src.mkdir()
+    for f in range(4):
+        qs = [f"Solve {f}*x + {i} = {2 * i} for x." for i in range(40)]
+        ans = ["one" if f == 2 and i % 9 == 0 else str(i % 13) for i in range(40)]
+        regime = ["train-easy", "train-medium", "train-hard"][min(f, 2)]
+        pq.write_table(pa.table({"question": qs, "answer": ans, "regime": [regime] * 40}),
+                       src / f"train-{f:05d}.parquet")
+    for f in range(2):
+        rows = [{"question": f"Solve {i}*k = {3 * i} for k.", "answer": "3"} for i in range(1, 22)]
+        (src / f"test-{f:05d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return src
+
+
+def test_workers_write_what_the_drivers_ordered_stream_wrote(ray_local, tmp_path, monkeypatch):
+    """The Ray job (each worker writing its units, then the scatter and part tasks) against the old way,
+    computed here in one process: every unit read, cleaned and tokenized in order, the stream written by
+    the driver's writers (tests/pipeline_fixtures.py). Same files, same bytes, same counts; several shuffle
+    buckets and parts that cut across buckets and units."""
+    from pipeline_fixtures import driver_stream_write
+
+    from cluster.core import load_tokenizer
+    from pipeline.job import validation_fraction
+    from pipeline.sources import find_units, read_unit
+    from pipeline.tokenize_step import TokenizeBatch
+    from pipeline.validate import prepare_text
+
+    monkeypatch.setattr("pipeline.job.SHUFFLE_BUCKET_ROWS", 50)  # 160 train rows -> 4 buckets
+    cfg = PipelineConfig(source=str(_file_source(tmp_path)), output=str(tmp_path / "new"), batch_size=16,
+                         rows_per_file=25, validation_size=0.15, seed=11)
+    m = run(cfg)
+    assert m["shuffle"]["buckets"] == 4
+
+    units, _ = find_units(cfg)
+    tok = load_tokenizer(cfg.tokenizer)
+    step = TokenizeBatch(tok.backend_tokenizer.to_str(), tok.eos_token_id, tok.unk_token_id, cfg.max_input_tokens,
+                         cfg.max_label_tokens, validation_fraction(cfg, units), seed=cfg.seed)
+    stream = [step(prepare_text(raw, max_chars=cfg.max_text_chars, answer_pattern=cfg.answer_pattern))
+              for unit in units for raw in read_unit(unit, cfg.batch_size)]
+    assert len(units) == 6 and len(stream) > len(units)
+    ref = driver_stream_write(tmp_path / "old", stream, rows_per_file=cfg.rows_per_file, seed=cfg.seed, buckets=4)
+    files = {k: [str(p.relative_to(tmp_path / "old")) for p in v] for k, v in ref.items()}
+    assert files == m["files"] and len(files["train"]) > 4
+    assert content_hash(tmp_path / "old", [f for v in files.values() for f in v]) == m["content_sha256"]
+    assert m["rows_in"] == 4 * 40 + 2 * 21 == m["rows_kept"] + m["rows_rejected"]
+    assert m["rows_rejected_by_split"] == {"train": {"answer_form": 5}}
+    assert {k: pq.read_table(tmp_path / "old" / k).num_rows for k in ("train", "validation", "test")} == \
+        m["rows_kept_by_split"]
+    assert not (tmp_path / "new" / ".shuffle").exists()
 
 
 def test_three_module_mixture_end_to_end(ray_local, tmp_path):

@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from pipeline_fixtures import driver_stream_write
 
 from cluster.config import ConfigError, from_dict
-from cluster.core import DATA_SCHEMA, load_tokenizer, write_json_atomic
+from cluster.core import DATA_SCHEMA, RejectError, load_tokenizer, write_json_atomic
 from pipeline.answers import EXTRAPOLATE, FORMS, MODULE_FORMS, answer_form_failed, answer_pattern
 from pipeline.clean import clean_text, decode_utf8, strip_wrapper
 from pipeline.config import PipelineConfig
@@ -390,21 +391,123 @@ def test_generator_assertions_are_skipped_and_counted_but_not_forever(monkeypatc
         gen.generate_rows("algebra__linear_1d", "train-easy", 1, seed=1)
 
 
-def test_output_writer_counts_by_module_and_checks_the_row_invariant(tmp_path):
-    from pipeline.job import OutputWriter
+def _local_tasks(fn, calls):
+    return [fn(*args) for args in calls]
+
+
+def _run_units(out, batches_by_unit, cfg, buckets, scatter_rows=500_000):
+    """The workers' writing without Ray: a UnitWriter per unit (in a scrambled finishing order), the driver's
+    Totals over their JSON summaries, then the scatter and part tasks run in this process."""
+    from pipeline.job import Totals, write_splits
+    from pipeline.write import UnitWriter
+
+    totals = Totals(len(batches_by_unit))
+    for u in reversed(range(len(batches_by_unit))):  # the order units finish in must not matter
+        w = UnitWriter(out / ".shuffle", u, strict=False)
+        for batch in batches_by_unit[u]:
+            w.add(batch)
+        totals.add(json.loads(json.dumps(w.close())))
+    totals.check_complete()
+    return totals, write_splits(totals, cfg, out, buckets, run_tasks=_local_tasks, scatter_rows=scatter_rows)
+
+
+def _unit_batches(n_units=5, batch=13):
+    """Tokenized batches of several units: train with a validation hold-out and bad answers, two test units,
+    one unit all rejects, one empty batch."""
+    units = []
+    for u in range(n_units):
+        qs = [f"Solve {u}*x + {i} = {i + 2} for x." for i in range(3 * batch)]
+        ans = ["one" if (i + u) % 7 == 0 else str(i % 11) for i in range(3 * batch)]
+        if u == 3:
+            ans = ["?"] * len(qs)
+        t = _tokenize(qs, ans, fraction=0.2)
+        if u in (1, 4):  # test units
+            t = t.set_column(t.schema.get_field_index("split"), "split", pa.array(["test"] * t.num_rows))
+        units.append([t.slice(i, batch) for i in range(0, t.num_rows, batch)] + [t.slice(0, 0)])
+    return units
+
+
+@pytest.mark.parametrize("buckets,rows_per_file,scatter_rows", [(3, 7, 1), (1, 1000, 1000), (4, 20, 60)])
+def test_workers_write_the_bytes_the_drivers_stream_wrote(tmp_path, buckets, rows_per_file, scatter_rows):
+    """Each unit writing its own files, then the scatter and part tasks, gives the same files (names, rows,
+    bytes) as the single ordered stream the driver used to write: the seeded bucket shuffle for train and
+    validation, source order for test and rejects, parts cut at rows_per_file across bucket and unit borders,
+    units scattered one by one or in runs."""
+    cfg = PipelineConfig(output=str(tmp_path), rows_per_file=rows_per_file, seed=5)
+    units = _unit_batches()
+    totals, files = _run_units(tmp_path / "new", units, cfg, buckets, scatter_rows)
+    ref = driver_stream_write(tmp_path / "old", [b for unit in units for b in unit], rows_per_file=rows_per_file,
+                              seed=cfg.seed, buckets=buckets)
+    for kind in ("train", "validation", "test", "rejects"):
+        assert [f.name for f in files[kind]] == [f.name for f in ref[kind]], kind
+        assert content_hash(tmp_path / "new" / kind, [f.name for f in files[kind]]) == \
+            content_hash(tmp_path / "old" / kind, [f.name for f in ref[kind]]), kind
+    assert not (tmp_path / "new" / ".shuffle").exists()
+    counts = totals.counts()
+    rows = {k: pq.read_table(tmp_path / "new" / k).num_rows for k in ("train", "validation", "test", "rejects")}
+    assert counts["rows_kept_by_split"] == {k: rows[k] for k in ("train", "validation", "test")}
+    assert counts["rows_rejected"] == rows["rejects"] > 39  # unit 3 alone rejects 39
+    assert counts["rows_in"] == 5 * 39 == counts["rows_kept"] + counts["rows_rejected"]
+    assert len(files["train"]) > 1 or rows_per_file == 1000
+
+
+def test_scatter_groups_are_runs_of_consecutive_units_with_their_offsets():
+    from pipeline.write import scatter_groups
+
+    rows = [5, 0, 3, 4, 0, 0, 9, 1]
+    assert scatter_groups(rows, 8) == [((0, 2), 0), ((3,), 8), ((6,), 12), ((7,), 21)]
+    assert scatter_groups(rows, 1) == [((0,), 0), ((2,), 5), ((3,), 8), ((6,), 12), ((7,), 21)]
+    assert scatter_groups(rows, 100) == [((0, 2, 3, 6, 7), 0)]
+    assert scatter_groups([0, 0], 10) == []
+
+
+def test_unit_summaries_count_by_module_and_the_totals_check_the_row_invariant(tmp_path):
+    from pipeline.job import Totals
+    from pipeline.write import UnitWriter, unit_spill
 
     batch = _tokenize(["Solve 2*x = 4 for x.", "Solve y = 1 for y.", "Solve z = 3 for z."], ["2", "one", "3"])
-    w = OutputWriter(PipelineConfig(output=str(tmp_path)), tmp_path, buckets=2)
+    w = UnitWriter(tmp_path / ".shuffle", 0, strict=False)
     w.add(batch)
-    counts, files, _ = w.close()
+    summary = w.close()
+    assert len(json.dumps(summary)) < 1000  # small: this is what travels to the driver instead of the rows
+    totals = Totals(1)
+    totals.add(summary)
+    counts = totals.counts()
     assert counts["rows_kept_by_module"] == {"algebra__linear_1d": {"train": {"train-easy": 2}}}
     assert counts["rows_rejected_by_module"] == {"algebra__linear_1d": {"train": {"train-easy": 1}}}
-    assert pq.read_table(files["rejects"][0]).to_pylist()[0]["module"] == "algebra__linear_1d"
-    w = OutputWriter(PipelineConfig(output=str(tmp_path / "b")), tmp_path / "b", buckets=2)
-    w.add(batch)
-    w.rows_in["train"] += 1  # a row that went nowhere: must stop the run (also under python -O)
+    assert counts["token_lengths_by_module"]["algebra__linear_1d"]["train"] == totals.length_stats()["train"]
+    assert totals.length_stats()["train"]["input_tokens"]["rows"] == 2
+    with pa.OSFile(str(unit_spill(tmp_path / ".shuffle", "rejects", 0))) as f:
+        assert pa.ipc.open_stream(f).read_all().to_pylist()[0]["module"] == "algebra__linear_1d"
+    assert not list((tmp_path / ".shuffle").rglob("*.tmp"))  # written under a temporary name, then renamed
+    with pytest.raises(RuntimeError, match="reported twice"):
+        totals.add(summary)
+    totals.rows_in["train"] += 1  # a row that went nowhere: must stop the run (also under python -O)
     with pytest.raises(RuntimeError, match="row accounting broken"):
-        w.close()
+        totals.counts()
+    with pytest.raises(RuntimeError, match="1 of 2 read units never reported"):
+        t2 = Totals(2)
+        t2.add(summary)
+        t2.check_complete()
+    with pytest.raises(RejectError, match="--strict: 1 row.*'answer_form'"):
+        UnitWriter(tmp_path / "s", 0, strict=True).add(batch)
+
+
+def test_split_writer_bytes_do_not_depend_on_batching_past_a_page(tmp_path):
+    """Parquet cuts data pages (~1 MB) by the input's chunks: at this size the same rows batched two ways gave
+    two different files before each row group was written from one contiguous buffer."""
+    rng = np.random.default_rng(0)
+    n = 40_000
+    ids = pa.array([rng.integers(3, 30_000, 40).astype(np.int32) for _ in range(n)], pa.list_(pa.int32()))
+    table = pa.table({"question": [f"q{i}" for i in range(n)], "answer": ["1"] * n, "regime": ["train-easy"] * n,
+                      "module": ["m"] * n, "input_ids": ids, "attention_mask": ids, "labels": ids})
+    hashes = []
+    for name, step in (("a", n), ("b", 777)):
+        w = SplitWriter(tmp_path / name, DATA_SCHEMA, rows_per_file=n)
+        for i in range(0, n, step):
+            w.write(table.slice(i, step))
+        hashes.append(content_hash(tmp_path / name, [f.name for f in w.close()]))
+    assert hashes[0] == hashes[1]
 
 
 def test_pool_uses_every_cpu_but_the_drivers():
