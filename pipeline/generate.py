@@ -124,6 +124,11 @@ def generate_rows(module: str, regime: str, rows: int, seed: int) -> tuple[list[
         raise ValueError(f"unknown module {module!r} for regime {regime!r}; e.g. {sorted(modules)[:8]} ...")
     random.seed(seed)
     np.random.seed(seed)
+    # sympy draws from its own Random instance (sympy.core.random.rng, seeded from the OS at import), e.g.
+    # in the primality tests behind numbers__is_prime: unseeded, that module's rows differed run to run.
+    import sympy.core.random
+
+    sympy.core.random.seed(seed)
     fn = modules[module]
     questions, answers, dropped = [], [], 0
     for _ in range(rows):

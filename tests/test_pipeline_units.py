@@ -519,3 +519,19 @@ def test_pool_uses_every_cpu_but_the_drivers():
     assert pool_size(4, 16) == 4
     with pytest.raises(ConfigError, match="tokenize_workers=16 would hold all 16 CPUs.*at most 15"):
         pool_size(16, 16)
+
+
+def test_generated_rows_repeat_across_processes_for_a_module_that_uses_sympys_own_rng():
+    """numbers__is_prime draws from sympy's private Random (seeded from the OS at import): the same seed
+    gave different rows in each fresh process until generate_rows seeded it too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from pipeline.generate import generate_rows; "
+            "q, a, _ = generate_rows('numbers__is_prime', 'train-easy', 20, seed=5); print(q + a)")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {"PYTHONHASHSEED": "0", "PYTHONPATH": root, "PATH": "/usr/bin:/bin"}
+    outs = [subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                           check=True, timeout=120).stdout for _ in range(2)]
+    assert outs[0] == outs[1] and outs[0].count("?") == 20
