@@ -1,10 +1,12 @@
 """How long a checkpoint blocks training: rank 0's time in the save, before and after asynchronous upload and
 sharded FSDP state, on a local Ray (CPU, gloo), real Ray Train storage (a local storage_path).
 
-    .venv/bin/python -m bench.ckpt_bench [--models t5-tiny t5-small-scratch] [--reps 3]
+    .venv/bin/python -m bench.ckpt_bench [--models t5-tiny t5-small-scratch] [--reps 3] [--gap 5]
 
 For each model and strategy (DDP on 1 worker: the replicated case; FSDP on 2 workers), one TorchTrainer
-run does one AdamW step (so the optimizer has its moments) and then alternates, `reps` times each:
+run does one AdamW step (so the optimizer has its moments) and then saves `reps` times each way, with
+`--gap` seconds before each save (as between checkpoints in a real run: Ray's controller has taken the
+previous report and no upload is in flight, so neither way pays for the other):
 
 - before: what train/loop.py did until the asynchronous upload: the full model + optimizer state gathered
   to rank 0 (`full_state_dicts`), written as a safetensors model folder + train_state.pt, then
@@ -51,6 +53,7 @@ def bench_loop(config: dict) -> None:
     times: dict[str, list[float]] = {"before": [], "after": []}
     step = 0
     for _ in range(config["reps"]):
+        time.sleep(config["gap_s"])  # as between checkpoints in a run: Ray's queue is drained, nothing in flight
         step += 1
         t0 = time.perf_counter()
         model_sd, optim_sd = full_state_dicts(model, opt)
@@ -63,6 +66,8 @@ def bench_loop(config: dict) -> None:
                              checkpoint_dir_name=f"step_{step:07d}")
         times["before"].append(time.perf_counter() - t0)
         del model_sd, optim_sd
+    for _ in range(config["reps"]):
+        time.sleep(config["gap_s"])  # the previous background upload done: it does not slow this save
         step += 1
         blocked = save_checkpoint(model, opt, tok, cfg, RunState(step=step), {}, rank,
                                   Path(config["out"]) / "metrics.jsonl", {})
@@ -71,7 +76,7 @@ def bench_loop(config: dict) -> None:
         Path(config["out"], "times.json").write_text(json.dumps(times))
 
 
-def run_one(model: str, strategy: str, workers: int, reps: int, root: Path) -> dict:
+def run_one(model: str, strategy: str, workers: int, reps: int, gap_s: float, root: Path) -> dict:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -82,7 +87,7 @@ def run_one(model: str, strategy: str, workers: int, reps: int, root: Path) -> d
     cfg = TrainConfig(model=model, strategy=strategy, num_workers=workers, global_batch_size=2 * workers,
                       precision="fp32")
     trainer = TorchTrainer(
-        bench_loop, train_loop_config={"cfg": cfg.__dict__, "reps": reps, "out": str(out)},
+        bench_loop, train_loop_config={"cfg": cfg.__dict__, "reps": reps, "gap_s": gap_s, "out": str(out)},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="bench", storage_path=str(out / "storage"),
@@ -105,12 +110,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["t5-tiny", "t5-small-scratch"])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--gap", type=float, default=5.0, help="seconds between saves")
     args = p.parse_args()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as root:
         for model in args.models:
             for strategy, workers in (("ddp", 1), ("fsdp", 2)):
-                print(json.dumps(run_one(model, strategy, workers, args.reps, Path(root))), flush=True)
+                print(json.dumps(run_one(model, strategy, workers, args.reps, args.gap, Path(root))), flush=True)
     ray.shutdown()
 
 

@@ -78,8 +78,11 @@ def test_sharded_checkpoint_resumes_identically_and_exports(pg, tok, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # the export: consolidated once, from_pretrained-loadable, the saved weights exactly, head untied
+    from train.__main__ import main
+
     saved = consolidate_model(d).state_dict()
-    final = export_model_dir(d, tmp_path / "final")
+    final = tmp_path / "final"
+    assert main(["export", str(d), str(final)]) == 0  # python -m train export: any kept checkpoint
     assert not (final / "dcp").exists() and not (final / "train_state.pt").exists()
     loaded = AutoModelForSeq2SeqLM.from_pretrained(final, use_safetensors=True)
     got = loaded.state_dict()
