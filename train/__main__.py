@@ -1,5 +1,6 @@
 """python -m train --config FILE --data DIR --output DIR [--<field> VALUE ...] [--push-to-hub USER/NAME]
-python -m train plan --config FILE [--<field> VALUE ...]    # memory planner, loads no weights"""
+python -m train plan --config FILE [--<field> VALUE ...]    # memory planner, loads no weights
+python -m train export CHECKPOINT_DIR DEST                  # a kept checkpoint as a from_pretrained folder"""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg, _, _ = parse_stage_args(TrainConfig, "train", argv[1:], plan.__doc__ or "", "python -m train plan")
         print(plan.format_plan(plan.estimate(cfg)))
+        return 0
+    if argv[:1] == ["export"]:
+        if len(argv) != 3:
+            raise SystemExit("usage: python -m train export CHECKPOINT_DIR DEST")
+        from train.checkpoint import export_model_dir
+
+        print(export_model_dir(argv[1], argv[2]))  # a bad checkpoint: CheckpointError -> run_cli: one line
         return 0
     # --push-to-hub is a command option, not a train: field: what to do with the result, not how to train.
     cfg, ray_cfg, args = parse_stage_args(

@@ -1,6 +1,8 @@
-"""Checkpoints: a Hugging Face model directory plus the training state, verifiable before it is trusted.
+"""Checkpoints: the model, the optimizer and the training state, verifiable before they are trusted.
 
-Layout of one checkpoint (what `ray.train.report(..., checkpoint=...)` uploads):
+Two layouts (what `ray.train.report(..., checkpoint=...)` uploads), named by the manifest's "layout":
+
+"full" (DDP, one worker: the state is replicated, rank 0 writes all of it):
 
     config.json, generation_config.json, model.safetensors   # from_pretrained-loadable as is
     tokenizer.json, tokenizer_config.json, ...                # the tokenizer the data was encoded with
@@ -8,11 +10,23 @@ Layout of one checkpoint (what `ray.train.report(..., checkpoint=...)` uploads):
     checkpoint.json                                           # manifest: every file above with its size,
                                                               # and the data order (seed, workers, ...)
 
-Atomicity: rank 0 writes into a fresh temporary directory and writes `checkpoint.json` last; Ray copies
-the directory to storage and only then registers it (a checkpoint interrupted mid-upload is never handed
+"sharded" (FSDP: nothing is gathered; each rank writes its own shard with torch.distributed.checkpoint):
+
+    config.json, generation_config.json, tokenizer files     # rank 0
+    train_state.pt                                            # rank 0: step, data position (no optimizer)
+    dcp/.metadata, dcp/__<rank>_0.distcp                      # model + AdamW state, one file per rank
+    checkpoint.json                                           # rank 0, after every rank wrote: all files
+
+Each rank writes into its own temporary directory; Ray merges them into one storage directory. A sharded
+checkpoint is not a Hugging Face model folder: `export_model_dir` consolidates one (the best, at the end
+of a run, or any kept one with `python -m train export`) into `final/`-style safetensors.
+
+Atomicity: `checkpoint.json` is written last; Ray copies every rank's directory to storage and registers
+the checkpoint only once all ranks' copies are done (a checkpoint interrupted mid-upload is never handed
 back by `get_checkpoint()`). On load, every file of the manifest must be present with its recorded size,
 so a torn copy is refused with a clear message instead of loading garbage. `train_state.pt` holds only
-tensors and plain containers and is read with `weights_only=True`.
+tensors and plain containers and is read with `weights_only=True`; DCP shards are read by DCP's own reader
+(tensors and plain metadata only).
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +44,7 @@ from cluster.core import CheckpointError, write_json_atomic
 
 MANIFEST = "checkpoint.json"
 TRAIN_STATE = "train_state.pt"
+SHARDS = "dcp"  # the DCP folder of a sharded checkpoint
 FORMAT_VERSION = 1
 
 
@@ -53,6 +69,61 @@ def write_checkpoint(
         manifest["data_order"] = train_state["data_order"]
     write_json_atomic(d / MANIFEST, manifest)  # the manifest appears whole or not at all
     return d
+
+
+def _files(d: Path) -> dict[str, int]:
+    return {p.relative_to(d).as_posix(): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def write_sharded_checkpoint(directory: str | Path, model, optimizer, tokenizer, train_state: dict[str, Any],
+                             rank: int) -> Path:
+    """Every rank writes its shard of the model and AdamW state into its own `directory` (new or empty)
+    with torch.distributed.checkpoint; rank 0 adds the config, tokenizer, training state and, once every
+    rank is done, the manifest of all ranks' files. Collective: every rank calls it."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    if any(d.iterdir()):
+        raise CheckpointError(f"refusing to write a checkpoint into non-empty {d}")
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # this rank's shards (DTensors): no gather
+    dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(d / SHARDS))
+    core = model.module if hasattr(model, "module") else model
+    if rank == 0:
+        core.config.save_pretrained(d)
+        if getattr(core, "generation_config", None) is not None:
+            core.generation_config.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        torch.save(train_state, d / TRAIN_STATE)
+    per_rank: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, _files(d))  # the file names and sizes every rank wrote (a few lines)
+    if rank == 0:
+        files = {k: v for f in per_rank for k, v in (f or {}).items()}
+        manifest = {"format": FORMAT_VERSION, "layout": "sharded", "step": train_state["step"], "files": files,
+                    # what the export needs to rebuild the module tree: T5 v1.1 / flan heads are untied
+                    "untied_lm_head": core.lm_head.weight is not core.shared.weight}
+        if train_state.get("data_order"):
+            manifest["data_order"] = train_state["data_order"]
+        write_json_atomic(d / MANIFEST, manifest)
+    return d
+
+
+def is_sharded(directory: str | Path) -> bool:
+    return verify_checkpoint(directory).get("layout") == "sharded"
+
+
+def load_sharded_state(model, optimizer, directory: str | Path) -> None:
+    """Load a sharded checkpoint's model and AdamW state into an already distributed model (FSDP2, or DDP:
+    DCP reshards). Each rank reads only the bytes of its own shards. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # the target layout (and AdamW's state slots)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(Path(directory) / SHARDS))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
@@ -114,16 +185,46 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
+def consolidate_model(directory: str | Path):
+    """The full model of a sharded checkpoint, on CPU, in the dtype it was trained in: the module tree is
+    built from config.json on the meta device (no init), then DCP reads only the model's tensors (not the
+    optimizer's) in one process, without a process group."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    from train.model import untie_lm_head
+
+    d = Path(directory)
+    manifest = verify_checkpoint(d)
+    reader = dcp.FileSystemReader(d / SHARDS)
+    meta = reader.read_metadata().state_dict_metadata
+    config = AutoConfig.from_pretrained(d, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=False)
+        if manifest.get("untied_lm_head"):
+            untie_lm_head(model)
+    model.to_empty(device="cpu")  # tied weights stay one parameter
+    model.to(meta["model.shared.weight"].properties.dtype)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "... assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)  # in place into the model's tensors
+    return model
+
+
 def export_model_dir(checkpoint_dir: str | Path, dest: str | Path) -> Path:
-    """Copy a checkpoint's HF files (not the training state) to `dest`, replacing it atomically."""
+    """A from_pretrained-loadable model folder (weights, config, tokenizer; no training state) at `dest`,
+    replacing it atomically: the HF files of a full checkpoint copied, or a sharded one consolidated."""
     src, dest = Path(checkpoint_dir), Path(dest)
-    verify_checkpoint(src)
+    manifest = verify_checkpoint(src)
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    if manifest.get("layout") == "sharded":
+        consolidate_model(src).save_pretrained(tmp, safe_serialization=True)
     for p in src.iterdir():
-        if p.is_file() and p.name not in (TRAIN_STATE, MANIFEST):
+        if p.is_file() and p.name not in (TRAIN_STATE, MANIFEST) and not (tmp / p.name).exists():
             shutil.copy2(p, tmp / p.name)
     old = dest.with_name(dest.name + ".old")
     if dest.exists():

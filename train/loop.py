@@ -5,6 +5,7 @@
           every log_every:  log_interval (one progress line, metrics.jsonl, TensorBoard/MLflow)
           every eval_every: validate (loss + exact match, sharded, all-reduced) -> early stopping
           every ckpt_every, at an improving validation when early stopping, and at the end: save_checkpoint
+          (written locally, sharded under FSDP; Ray uploads it in the background while training goes on)
 
 Everything the loop needs arrives in `config` (a plain dict, so Ray can ship it): the TrainConfig fields
 under "cfg" plus what the driver resolved ("max_steps", the in-memory train files or None for a streamed
@@ -142,11 +143,12 @@ def check_data_order(saved: dict[str, Any] | None, now: dict[str, Any], where: s
 
 
 def setup_model(cfg: TrainConfig, tokenizer, rank: int, metrics_path: Path) -> tuple[Any, dict | None]:
-    """The model (identical init on every rank) and, when Ray hands back a checkpoint, its weights and
-    the saved training state."""
+    """The model (identical init on every rank) and, when Ray hands back a checkpoint, the saved training
+    state. A full checkpoint's weights load here; a sharded one's load after `distribute`
+    (`load_sharded_checkpoint`: each rank reads only its shards)."""
     import ray.train
 
-    from train.checkpoint import load_train_state, load_weights, read_config
+    from train.checkpoint import is_sharded, load_train_state, load_weights, read_config
     from train.model import build_model, check_same_arch
 
     torch.manual_seed(cfg.seed)
@@ -159,7 +161,9 @@ def setup_model(cfg: TrainConfig, tokenizer, rank: int, metrics_path: Path) -> t
     with ckpt.as_directory() as d:
         saved = load_train_state(d)
         check_same_arch(model.config, read_config(d), where=ckpt.path)
-        load_weights(model, d)
+        saved["sharded"] = is_sharded(d)
+        if not saved["sharded"]:
+            load_weights(model, d)
     saved["checkpoint"] = ckpt.path
     if rank == 0:
         log.info("[train] resuming from checkpoint %s at step %d (epoch %d, batch %d)",
@@ -167,6 +171,18 @@ def setup_model(cfg: TrainConfig, tokenizer, rank: int, metrics_path: Path) -> t
         truncate_metrics(metrics_path, saved["step"])
         append_jsonl(metrics_path, {"event": "resume", "step": saved["step"], "checkpoint": ckpt.path})
     return model, saved
+
+
+def load_sharded_checkpoint(model, optimizer) -> None:
+    """Resume from a sharded (FSDP) checkpoint: DCP reads each rank's part of the model and AdamW state
+    straight into the distributed model. On local or shared storage nothing is copied first; from s3://
+    Ray downloads the checkpoint folder before DCP reads it. Collective."""
+    import ray.train
+
+    from train.checkpoint import load_sharded_state
+
+    with ray.train.get_checkpoint().as_directory() as d:
+        load_sharded_state(model, optimizer, d)
 
 
 def fsdp_policy(cfg: TrainConfig):
@@ -214,7 +230,7 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device, saved: dict | 
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
         fused=device.type == "cuda",  # one kernel for all parameters (plain and FSDP2 DTensors alike)
     )
-    if saved is not None:
+    if saved is not None and "optimizer" in saved:  # a full checkpoint (a sharded one: load_sharded_checkpoint)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -356,33 +372,54 @@ def log_validation(state: RunState, stopped_early: bool, seconds: float, metrics
                                     "validations_without_improvement": state.since_best})
 
 
-def save_checkpoint(model, optimizer, tokenizer, state: RunState, order: dict[str, Any], rank: int,
-                    metrics_path: Path, extra_metrics: dict[str, Any]) -> None:
-    """Full state on rank 0 into a fresh folder, handed to Ray Train (which uploads, then commits it).
-    Every rank calls it: gathering the state and `report` are collectives."""
+def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunState, order: dict[str, Any],
+                    rank: int, metrics_path: Path, extra_metrics: dict[str, Any]) -> float:
+    """Write this step's checkpoint to local disk and hand it to Ray Train, which uploads it in the
+    background while training goes on. Returns the seconds this rank was blocked.
+
+    FSDP: every rank writes its own shard (torch.distributed.checkpoint), nothing is gathered. DDP and one
+    worker: the state is replicated, so rank 0 writes all of it (safetensors model folder + optimizer).
+    The upload (`CheckpointUploadMode.ASYNC`): `report` returns once the files are written locally; Ray
+    copies them to storage on a background thread, deletes the local folder after the copy, and commits
+    the checkpoint (checkpoint_manager_snapshot.json) only when every rank's copy is done, in report
+    order: a crash before that resumes from the previous checkpoint. A failed upload fails the worker
+    group (it is raised in the training thread), which restarts from the last committed checkpoint under
+    max_failures; it is never silently skipped. At the end of the loop Ray waits for the last upload.
+    Every rank calls it: writing the shards and `report` are collectives."""
     import ray.train
 
-    from train.checkpoint import write_checkpoint
+    from train.checkpoint import write_checkpoint, write_sharded_checkpoint
 
     t_ck = time.perf_counter()
-    model_sd, optim_sd = full_state_dicts(model, optimizer)
     metrics = {"step": state.step, "epoch": state.epoch, "samples": state.samples, "tokens": state.tokens,
                "train_time_s": state.train_time_s, **state.last_val, **extra_metrics}
     if "score" not in metrics:  # eval disabled: rank checkpoints by recency
         metrics["score"] = float(state.step)
-    with tempfile.TemporaryDirectory(prefix="mathtune-ckpt-") as tmp:
-        checkpoint = None
+    train_state = {**dataclasses.asdict(state), "data_order": order}
+    # Not a TemporaryDirectory: the folder must outlive this call until the background upload is done;
+    # Ray deletes it then (delete_local_checkpoint_after_upload).
+    tmp = None
+    if cfg.strategy == "fsdp":
+        tmp = tempfile.mkdtemp(prefix="mathtune-ckpt-")
+        write_sharded_checkpoint(tmp, model, optimizer, tokenizer, train_state, rank)
+    else:
+        model_sd, optim_sd = full_state_dicts(model, optimizer)
         if rank == 0:
-            train_state = {**dataclasses.asdict(state), "optimizer": optim_sd, "data_order": order}
-            write_checkpoint(tmp, unwrap(model), model_sd, tokenizer, train_state)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        # Every rank reports (it is a barrier); only rank 0 carries files.
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{state.step:07d}")
+            tmp = tempfile.mkdtemp(prefix="mathtune-ckpt-")
+            write_checkpoint(tmp, unwrap(model), model_sd, tokenizer, {**train_state, "optimizer": optim_sd})
+        del model_sd, optim_sd
+    # Every rank reports (it is a barrier); Ray merges the ranks' folders into one step_* directory.
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if tmp else None,
+                     checkpoint_dir_name=f"step_{state.step:07d}",
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                     delete_local_checkpoint_after_upload=True)
+    blocked = time.perf_counter() - t_ck
     if rank == 0:
-        # Uploaded; Ray's controller commits it (checkpoint_manager_snapshot.json) at its next poll (~2 s):
-        # a crash before that resumes from the previous checkpoint.
-        log.info("[train] checkpoint written at step %d (%.1fs)", state.step, time.perf_counter() - t_ck)
-        append_jsonl(metrics_path, {"event": "checkpoint", "step": state.step})
+        log.info("[train] checkpoint step %d written locally in %.1fs; uploading in the background",
+                 state.step, blocked)
+        append_jsonl(metrics_path, {"event": "checkpoint", "step": state.step, "blocked_s": round(blocked, 3),
+                                    "layout": "sharded" if cfg.strategy == "fsdp" else "full"})
+    return blocked
 
 
 def gpu_worker_env() -> None:
@@ -423,6 +460,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)  # after init (identical on every rank): each rank its own dropout
     model = distribute(model, cfg, device)
     optimizer = make_optimizer(model, cfg, device, saved)
+    if saved is not None and saved["sharded"]:
+        load_sharded_checkpoint(model, optimizer)
     del saved
     batches = make_batches(cfg, config, tokenizer, rank, world, device, state)
     val_rows = config["validation"]
@@ -467,7 +506,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.step % cfg.ckpt_every == 0 or at_end or stopped_early or keep_best:
             t_ck = time.perf_counter()
             state.epoch, state.batch_in_epoch = batches.epoch, batches.position
-            save_checkpoint(model, optimizer, tokenizer, state, order, rank, metrics_path,
+            save_checkpoint(model, optimizer, tokenizer, cfg, state, order, rank, metrics_path,
                             {"stopped_early": stopped_early})
             iv.t0 += time.perf_counter() - t_ck
     tracker.close()

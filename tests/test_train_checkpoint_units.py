@@ -1,0 +1,100 @@
+"""Sharded (FSDP, torch.distributed.checkpoint) checkpoints without Ray: one gloo process, FSDP2 over a
+world of 1 (the same code paths as 2 workers, which tests/test_train_checkpoints_ray.py runs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cluster.core import CheckpointError, load_tokenizer
+from train.checkpoint import (
+    consolidate_model,
+    export_model_dir,
+    is_sharded,
+    load_sharded_state,
+    load_train_state,
+    verify_checkpoint,
+    write_sharded_checkpoint,
+)
+from train.collate import collate_seq2seq
+from train.model import build_model
+
+
+@pytest.fixture
+def pg(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("char")
+
+
+BATCH = {"input_ids": [[5, 6, 1], [7, 1]], "labels": [[8, 1], [9, 10, 1]]}
+
+
+def fsdp_model(tok, seed=0):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    m = build_model("t5-tiny", len(tok))
+    for block in [*m.encoder.block, *m.decoder.block]:
+        fully_shard(block)
+    fully_shard(m)
+    return m, torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+
+def step(m, opt):
+    m(**collate_seq2seq(BATCH)).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def full(m) -> dict[str, torch.Tensor]:
+    return {k: v.full_tensor() for k, v in m.state_dict().items()}
+
+
+def test_sharded_checkpoint_resumes_identically_and_exports(pg, tok, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    m, opt = fsdp_model(tok)
+    step(m, opt)
+    d = write_sharded_checkpoint(tmp_path / "c", m, opt, tok, {"step": 1, "epoch": 0, "data_order": {"seed": 0}}, 0)
+    manifest = verify_checkpoint(d)
+    assert is_sharded(d) and manifest["untied_lm_head"] and manifest["data_order"] == {"seed": 0}
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "config.json", "train_state.pt"} <= set(manifest["files"])
+    assert "optimizer" not in load_train_state(d) and not list(d.glob("*.safetensors"))
+
+    # resume: a fresh (differently initialised) model + optimizer take the saved state; the next step
+    # is bit-identical to never stopping
+    m2, opt2 = fsdp_model(tok, seed=1)
+    load_sharded_state(m2, opt2, d)
+    step(m, opt)
+    step(m2, opt2)
+    a, b = full(m), full(m2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # the export: consolidated once, from_pretrained-loadable, the saved weights exactly, head untied
+    from train.__main__ import main
+
+    saved = consolidate_model(d).state_dict()
+    final = tmp_path / "final"
+    assert main(["export", str(d), str(final)]) == 0  # python -m train export: any kept checkpoint
+    assert not (final / "dcp").exists() and not (final / "train_state.pt").exists()
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(final, use_safetensors=True)
+    got = loaded.state_dict()
+    assert set(got) == set(saved) and all(torch.equal(got[k], saved[k]) for k in saved)
+    assert not torch.equal(got["lm_head.weight"], a["lm_head.weight"])  # a step later: not the live model
+    assert loaded.lm_head.weight is not loaded.shared.weight
+
+
+def test_torn_sharded_checkpoint_is_refused(pg, tok, tmp_path):
+    m, opt = fsdp_model(tok)
+    d = write_sharded_checkpoint(tmp_path / "c", m, opt, tok, {"step": 1}, 0)
+    (d / "dcp" / "__0_0.distcp").unlink()  # one rank's shard never arrived
+    with pytest.raises(CheckpointError, match="dcp/__0_0.distcp missing"):
+        export_model_dir(d, tmp_path / "final")
+    assert not (tmp_path / "final").exists()
