@@ -115,7 +115,7 @@ def test_early_stopping_and_fsdp_on_two_cpu_workers(ray_local, data, tmp_path, m
       stops at the third validation (step 6 of 16), and final/ is the best validation's checkpoint (every
       new best is kept). Tracked to an MLflow file store on the way.
     - strategy: fsdp (torch FSDP2 fully_shard, gloo): trains, validates in lockstep (both ranks decide to
-      stop at the same validation, or the run would hang), saves a full model."""
+      stop at the same validation, or the run would hang), saves sharded checkpoints, exports a full model."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForSeq2SeqLM
@@ -137,9 +137,13 @@ def test_early_stopping_and_fsdp_on_two_cpu_workers(ray_local, data, tmp_path, m
     assert summary["best"]["step"] == best_step and summary["best_checkpoint"].endswith(f"step_{best_step:07d}")
     from safetensors.torch import load_file
 
-    best = load_file(str(Path(summary["best_checkpoint"]) / "model.safetensors"))
+    from train.checkpoint import consolidate_model, is_sharded
+
+    # FSDP checkpoints are per-rank shards (torch.distributed.checkpoint); final/ is consolidated from them
+    assert is_sharded(summary["best_checkpoint"])
+    best = consolidate_model(summary["best_checkpoint"]).state_dict()
     final = load_file(str(tmp_path / "final" / "model.safetensors"))
-    assert all(torch.equal(best[k], final[k]) for k in best)
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: reading a file store is opt-in too
     client = MlflowClient(tracking_uri=mlflow_uri(None, tmp_path))
     mrun = client.get_run((tmp_path / "mlflow_run_id").read_text().strip())
