@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import operator
 import types
 import typing
 from pathlib import Path
@@ -77,7 +79,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
         if len(args) == 1 and len(get_args(tp)) == 2:
             return args[0], True
         if len(args) < len(get_args(tp)):  # e.g. int | Literal["auto"] | None
-            return Union[tuple(args)], True
+            return functools.reduce(operator.or_, args), True
     return tp, False
 
 
