@@ -207,6 +207,16 @@ def test_plan_estimate_is_just_above_the_measured_gpu_peaks(micro, peak):
     assert peak <= total <= 1.2 * peak, (micro, total, peak)  # safe, and not so safe it wastes the card
 
 
+def test_plan_estimate_of_the_speedrun_model_is_just_above_its_measured_peak():
+    """A second architecture on the same card: t5-small-scratch (char vocabulary), micro batch 512 x (64
+    source, 5 target) characters, measured 14.18 GiB."""
+    from train.plan import estimate
+
+    cfg = TrainConfig(data="d", model="t5-small-scratch", num_workers=1, global_batch_size=512,
+                      plan_source_len=64, plan_target_len=5)
+    assert 14.18 <= estimate(cfg).total / GIB <= 1.2 * 14.18
+
+
 def test_plan_activations_grow_with_rows_and_lengths_as_measured():
     """Per row the measured peaks grow by 0.1220 GiB (128 -> 256 -> 512 rows: exactly linear)."""
     from train.plan import activation_bytes, architecture

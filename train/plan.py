@@ -26,7 +26,7 @@ AdamW, dropout 0.1, questions padded to 40 tokens, answers 4): torch.cuda.max_me
 41.43 / 72.65 GiB at micro batch 128 / 256 / 512: exactly linear, 0.1220 GiB per row. The count above
 gives 0.0937 GiB per row there, so ACTIVATION_CALIBRATION = 1.30 (the rest: SDPA and autocast buffers the
 count leaves out, transients at the forward/backward turn, the caching allocator's rounding). With it the
-estimate is 6-17% above those three peaks (tests/test_train_units.py holds them).
+estimate is 6-17% above those three peaks (tests/test_train_bucket.py holds them).
 
 The micro batch (`choose_micro_batch`): the largest divisor of the per-worker batch that is a multiple of
 8 (or 1, 2, 4) whose estimate fits in (1 - MARGIN) of the card's memory. `python -m train plan` prints it
