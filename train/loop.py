@@ -120,11 +120,10 @@ def data_order(cfg: TrainConfig, world: int, in_memory: bool) -> dict[str, Any]:
     """What the saved data position means: the same (epoch, batch) is the same data only with the same
     seed, worker count, micro batch and loading mode. Saved with every checkpoint and compared on resume
     (by the driver from the manifest before Ray starts, and by each worker)."""
-    order = {"seed": cfg.seed, "world_size": world, "micro_batch": cfg.micro_batch_size if cfg.auto_micro_batch
-             else cfg.micro_batch, "data_loading": "memory" if in_memory else "stream",
+    order = {"seed": cfg.seed, "world_size": world, "data_loading": "memory" if in_memory else "stream",
              "length_bucketing": cfg.length_bucketing}
-    if cfg.auto_micro_batch:  # not chosen yet (the driver, before Ray): a resume adopts the checkpoint's
-        del order["micro_batch"]
+    if not cfg.auto_micro_batch:  # auto is chosen on the workers, and a resume adopts the checkpoint's
+        order["micro_batch"] = cfg.micro_batch
     return order
 
 
@@ -148,8 +147,9 @@ def resolve_micro_batch(cfg: TrainConfig, device: torch.device, saved: dict[str,
         t = torch.tensor([chosen], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         chosen = int(t.item())
-    log.info("[train] micro batch %d (planner's choice for %s)", chosen,
-             f"{memory / 2**30:.1f} GiB" if memory else "CPU")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.info("[train] micro batch %d, %d accumulation steps (the planner's choice for %s)", chosen,
+                 cfg.per_worker_batch // chosen, f"{memory / 2**30:.1f} GiB" if memory else "CPU")
     return cfg.with_micro_batch(chosen)
 
 
