@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import operator
 import types
 import typing
 from pathlib import Path
@@ -76,6 +78,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
         args = [a for a in get_args(tp) if a is not type(None)]
         if len(args) == 1 and len(get_args(tp)) == 2:
             return args[0], True
+        if len(args) < len(get_args(tp)):  # e.g. int | Literal["auto"] | None
+            return functools.reduce(operator.or_, args), True
     return tp, False
 
 
@@ -86,6 +90,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{key}: must not be null")
+    if get_origin(inner) in (Union, types.UnionType):  # e.g. int | Literal["auto"]: the first arm that takes it
+        errors = []
+        for arm in get_args(inner):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(str(e).removeprefix(f"{key}: "))
+        raise ConfigError(f"{key}: {' and '.join(errors)}")
     if get_origin(inner) is Literal:
         choices = get_args(inner)
         if value not in choices:

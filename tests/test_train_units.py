@@ -313,9 +313,9 @@ def test_plan_fsdp_shards_and_flan_large_verdicts():
     assert fsdp.parts["optimizer (AdamW 2 moments)"] * 4 == ddp.parts["optimizer (AdamW 2 moments)"]
     assert fsdp.total < ddp.total
     assert ddp.fits()["A100 40GB"] and ddp.fits()["A100 80GB"]
-    assert "fits A100 40GB    yes  (p4d.24xlarge, a2-highgpu-8g)" in format_plan(ddp)
+    assert "fits A100 40GB    yes  micro batch    16  (p4d.24xlarge, a2-highgpu-8g)" in format_plan(ddp)
     xl = estimate(dataclasses.replace(base, model="google/flan-t5-xl"))
-    assert not xl.fits()["A100 40GB"] and "fits A100 40GB    NO   (p4d.24xlarge" in format_plan(xl)
+    assert not xl.fits()["A100 40GB"] and "fits A100 40GB    NO   micro batch  none  (p4d.24xlarge" in format_plan(xl)
 
 
 def test_resume_state_roundtrip_continues_identically(tmp_path, tok):

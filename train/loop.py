@@ -121,8 +121,37 @@ def data_order(cfg: TrainConfig, world: int, in_memory: bool) -> dict[str, Any]:
     """What the saved data position means: the same (epoch, batch) is the same data only with the same
     seed, worker count, micro batch and loading mode. Saved with every checkpoint and compared on resume
     (by the driver from the manifest before Ray starts, and by each worker)."""
-    return {"seed": cfg.seed, "world_size": world, "micro_batch": cfg.micro_batch,
-            "data_loading": "memory" if in_memory else "stream"}
+    order = {"seed": cfg.seed, "world_size": world, "data_loading": "memory" if in_memory else "stream",
+             "length_bucketing": cfg.length_bucketing}
+    if not cfg.auto_micro_batch:  # auto is chosen on the workers, and a resume adopts the checkpoint's
+        order["micro_batch"] = cfg.micro_batch
+    return order
+
+
+def resolve_micro_batch(cfg: TrainConfig, device: torch.device, saved: dict[str, Any] | None) -> TrainConfig:
+    """train.micro_batch_size auto: a resumed run keeps its checkpoint's micro batch (its data position
+    counts micro batches); a fresh one takes the planner's choice for this GPU's free memory, the smallest
+    over all workers (DDP steps in lockstep: every rank the same accumulation)."""
+    if not cfg.auto_micro_batch:
+        return cfg
+    from train.plan import choose_micro_batch, micro_batch_candidates
+
+    saved_micro = ((saved or {}).get("data_order") or {}).get("micro_batch")
+    if saved_micro:
+        return cfg.with_micro_batch(int(saved_micro))
+    memory = None
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        memory = free + torch.cuda.memory_reserved(device)  # what this process holds is ours to plan with
+    chosen = choose_micro_batch(cfg, memory) or micro_batch_candidates(cfg.per_worker_batch)[0]
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([chosen], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        chosen = int(t.item())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.info("[train] micro batch %d, %d accumulation steps (the planner's choice for %s)", chosen,
+                 cfg.per_worker_batch // chosen, f"{memory / 2**30:.1f} GiB" if memory else "CPU")
+    return cfg.with_micro_batch(chosen)
 
 
 def check_data_order(saved: dict[str, Any] | None, now: dict[str, Any], where: str) -> None:
@@ -244,13 +273,13 @@ def make_batches(cfg: TrainConfig, config: dict[str, Any], tokenizer, rank: int,
 
     if config["train_files"]:
         source = InMemoryShard(config["train_files"], rank, world, cfg.micro_batch, cfg.seed,
-                               tokenizer.pad_token_id, cfg.pad_to_multiple_of)
+                               tokenizer.pad_token_id, cfg.pad_to_multiple_of, cfg.length_bucketing)
     else:
         import ray.train
 
         source = StreamedShard(ray.train.get_dataset_shard("train"), rank, cfg.micro_batch, cfg.seed,
                                cfg.shuffle_buffer, tokenizer.pad_token_id, cfg.pad_to_multiple_of,
-                               pin_memory=device.type == "cuda")
+                               pin_memory=device.type == "cuda", bucket_window=cfg.length_bucketing)
     return ShardIterator(source, state.epoch, state.batch_in_epoch)
 
 
@@ -453,6 +482,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     tokenizer = load_tokenizer(cfg.resolved_tokenizer())
     model, saved = setup_model(cfg, tokenizer, rank, metrics_path)
+    cfg = resolve_micro_batch(cfg, device, saved)
     order = data_order(cfg, world, in_memory=bool(config["train_files"]))
     if saved is not None:
         check_data_order(saved.get("data_order"), order, saved["checkpoint"])

@@ -11,15 +11,27 @@ How the estimate is computed (bytes per worker):
   autocast's bf16 copy of the weights used in the forward (2 bytes x P).
 - FSDP (fully_shard per block): weights, gradients, optimizer states and autocast copies divided by the
   worker count, plus the two largest unsharded blocks in flight (prefetch) in weights+grads.
-- activations for micro_batch x (plan_source_len, plan_target_len) tokens, saved for backward, at 2
-  bytes/element (bf16 / bf16-mixed) or 4 (fp32): per encoder layer b*s*(4d + 4*inner + 5*d_ff) plus the
-  attention scores b*h*s^2 (fp32 softmax + its low-precision copy); per decoder layer the same for
-  self-attention over t plus cross-attention (b*h*t*s scores, encoder K/V); the logits b*t*V in bf16, their
-  fp32 upcast for the loss and its gradient. No activation checkpointing.
+- activations for micro_batch x (plan_source_len, plan_target_len) tokens (`activation_bytes`): the tensors
+  autograd saves for backward, counted per token from what a T5 layer keeps (T5LayerNorm's fp32 input and
+  output, autocast's bf16 copy of each fp32 linear input, q/k/v/o, the gated-GELU's intermediates - the
+  tanh GELU runs as ~6 elementwise ops -, dropout masks at 1 byte), the attention scores per head, the
+  decoder's cross-attention K/V over the source, the logits (bf16, their fp32 upcast and gradient); times
+  ACTIVATION_CALIBRATION, fitted to peaks measured on a GPU (below). No activation checkpointing.
 - a fixed 1.5 GiB for the CUDA context, cuBLAS workspaces and allocator fragmentation.
-It fits a GPU when the total is at most the card's memory. This is an estimate, meant to be within
-~20% and conservative; measure with torch.cuda.max_memory_allocated() on a real card before relying on a
-margin (no GPU was available to calibrate it when this was written).
+Gradients are counted whole although a step without accumulation frees them until its backward: the
+estimate errs high by that much, on the safe side.
+
+Calibration (2026-11-27, one H200, bench/train_gpu_bench.py: flan-t5-large untied, bf16-mixed, fused
+AdamW, dropout 0.1, questions padded to 40 tokens, answers 4): torch.cuda.max_memory_allocated 25.82 /
+41.43 / 72.65 GiB at micro batch 128 / 256 / 512: exactly linear, 0.1220 GiB per row. The count above
+gives 0.0937 GiB per row there, so ACTIVATION_CALIBRATION = 1.30 (the rest: SDPA and autocast buffers the
+count leaves out, transients at the forward/backward turn, the caching allocator's rounding). With it the
+estimate is 6-17% above those three peaks (tests/test_train_bucket.py holds them).
+
+The micro batch (`choose_micro_batch`): the largest divisor of the per-worker batch that is a multiple of
+8 (or 1, 2, 4) whose estimate fits in (1 - MARGIN) of the card's memory. `python -m train plan` prints it
+per card; with train.micro_batch_size auto each worker makes the same choice at run time on its GPU's
+free memory (torch.cuda.mem_get_info), and all workers take the smallest.
 """
 
 from __future__ import annotations
@@ -36,10 +48,13 @@ from train.model import TINY_CONFIGS, tiny_config
 
 GIB = 2**30
 CUDA_OVERHEAD = 1.5 * GIB
+ACTIVATION_CALIBRATION = 1.30  # measured peaks / counted saved tensors (module docstring)
+MARGIN = 0.10  # of the card's memory left free by the chosen micro batch
+CPU_MICRO_BATCH = 32  # auto on CPU: memory is not the bound, a small batch keeps steps short
 # The GPUs of the node types in cluster/ (A100 40GB: p4d.24xlarge, a2-highgpu-8g) and of their documented
 # alternatives: what `fits` answers for. tests/test_cluster_files.py checks each shipped GPU config fits the
 # GPU of every cluster file's node type.
-GPUS = {"A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80}
+GPUS = {"A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80, "H200 141GB": 141}
 # 8-GPU NVLink node types -> (GPU, GPUs per node).
 NODE_TYPES = {
     "p4d.24xlarge": ("A100 40GB", 8), "p4de.24xlarge": ("A100 80GB", 8), "p5.48xlarge": ("H100 80GB", 8),
@@ -95,6 +110,34 @@ def count_params(a: dict[str, Any]) -> tuple[int, int]:
     return total, dec_block + bias
 
 
+def activation_bytes(a: dict[str, Any], precision: str, b: int, s: int, t: int) -> float:
+    """Bytes autograd holds for backward after the forward of b rows x (s source, t target) tokens,
+    calibrated (ACTIVATION_CALIBRATION). A formula over the architecture and the lengths."""
+    d, ff, h, inner, V = a["d_model"], a["d_ff"], a["num_heads"], a["num_heads"] * a["d_kv"], a["vocab_size"]
+    gated = str(a.get("feed_forward_proj", "relu")).startswith("gated")
+    x = 4 if precision == "fp32" else 2  # matmul inputs and outputs (bf16 under autocast)
+    r = 2 if precision == "bf16" else 4  # the residual stream and the layer norms (fp32 under autocast)
+    cast = x if precision == "bf16-mixed" else 0  # autocast's bf16 copy of an fp32 input, one per linear
+    ln = 2 * r * d  # T5LayerNorm keeps its input and its normalized output
+    attn = ln + 3 * cast * d + 4 * x * inner + d  # q, k, v, the o projection's input; dropout mask (1 byte)
+    score = 4 + 1 + 2 * x  # per attention score: fp32 softmax, dropout mask, the scores and dropped weights
+    ffn = ln + (2 if gated else 1) * cast * d + ff * ((6 * x if gated else 2 * x) + 1 + x) + d
+    cross = ln + cast * d + 2 * x * inner + d  # cross-attention: q and o per target token ...
+    cross_src = 2 * cast * d + 2 * x * inner  # ... K and V per source token, in every decoder layer
+    enc_tok = attn + ffn + h * s * score
+    dec_tok = attn + h * t * score + cross + h * s * score + ffn
+    per_row = (a["num_layers"] * s * enc_tok + a["num_decoder_layers"] * (t * dec_tok + s * cross_src)
+               + (s + t) * d * r * 2  # embeddings and their dropout
+               + t * V * (x + 4 + 4))  # logits, their fp32 upcast for the loss, its gradient
+    return ACTIVATION_CALIBRATION * b * per_row
+
+
+def micro_batch_candidates(per_worker: int) -> list[int]:
+    """Micro batches that keep global batch = micro x accumulation x workers: the divisors of the
+    per-worker batch that are multiples of 8 (tensor-core tiles), and 1, 2, 4 for tiny batches."""
+    return [m for m in range(1, per_worker + 1) if per_worker % m == 0 and (m % 8 == 0 or m in (1, 2, 4))]
+
+
 @dataclass
 class Plan:
     model: str
@@ -106,20 +149,49 @@ class Plan:
     source_len: int
     target_len: int
     parts: dict[str, float]  # bytes per worker
+    auto: bool = False  # micro batch chosen per card (train.micro_batch_size auto)
+    choices: dict[str, int | None] | None = None  # card -> the planner's micro batch (None: none fits)
 
     @property
     def total(self) -> float:
         return sum(self.parts.values())
 
     def fits(self) -> dict[str, bool]:
+        """Per card: the configured micro batch fits; with auto, some micro batch does."""
+        if self.auto:
+            return {name: m is not None for name, m in (self.choices or {}).items()}
         return {name: self.total <= gb * 1e9 for name, gb in GPUS.items()}
 
 
-def estimate(cfg: TrainConfig) -> Plan:
+def choose_micro_batch(cfg: TrainConfig, memory_bytes: float | None) -> int | None:
+    """The largest candidate micro batch whose estimate fits in (1 - MARGIN) x memory_bytes (None: none
+    fits). memory_bytes None (CPU): the largest candidate up to CPU_MICRO_BATCH."""
+    cands = micro_batch_candidates(cfg.per_worker_batch)
+    if memory_bytes is None:
+        return max(m for m in cands if m <= CPU_MICRO_BATCH)
+    fitting = [m for m in cands if _estimate(cfg, m).total <= (1 - MARGIN) * memory_bytes]
+    return max(fitting) if fitting else None
+
+
+def estimate(cfg: TrainConfig, micro_batch: int | None = None) -> Plan:
+    """The estimate at `micro_batch` (default: the configured one; with auto, the choice for the largest
+    card that has one, else the smallest candidate), with the planner's choice per card."""
+    choices = {name: choose_micro_batch(cfg, gb * 1e9) for name, gb in GPUS.items()}
+    if micro_batch is None:
+        if cfg.auto_micro_batch:
+            fitting = [m for m in choices.values() if m is not None]
+            micro_batch = max(fitting) if fitting else micro_batch_candidates(cfg.per_worker_batch)[0]
+        else:
+            micro_batch = cfg.micro_batch
+    plan = _estimate(cfg, micro_batch)
+    plan.auto, plan.choices = cfg.auto_micro_batch, choices
+    return plan
+
+
+def _estimate(cfg: TrainConfig, micro_batch: int) -> Plan:
     a = architecture(cfg.model)
     P, block = count_params(a)
     wbytes = 2 if cfg.precision == "bf16" else 4
-    abytes = 4 if cfg.precision == "fp32" else 2
     shard = cfg.num_workers if cfg.strategy == "fsdp" else 1
     parts: dict[str, float] = {
         "weights": P * wbytes / shard,
@@ -132,25 +204,25 @@ def estimate(cfg: TrainConfig) -> Plan:
         parts["autocast bf16 weight copies"] = 2 * P / shard
     if cfg.strategy == "fsdp":
         parts["FSDP unsharded blocks in flight"] = 2 * block * wbytes * 2
-    b, s, t = cfg.micro_batch, cfg.plan_source_len, cfg.plan_target_len
-    d, ff, h, inner, V = a["d_model"], a["d_ff"], a["num_heads"], a["num_heads"] * a["d_kv"], a["vocab_size"]
-    enc = b * s * (4 * d + 4 * inner + 5 * ff) * abytes + b * h * s * s * (4 + abytes)
-    dec = (b * t * (6 * d + 8 * inner + 5 * ff) * abytes + b * h * (t * t + t * s) * (4 + abytes)
-           + b * s * 2 * inner * abytes)
-    parts["activations"] = a["num_layers"] * enc + a["num_decoder_layers"] * dec + b * (s + t) * d * 4
-    parts["logits + loss"] = b * t * V * (abytes + 4 + 4)
+    b, s, t = micro_batch, cfg.plan_source_len, cfg.plan_target_len
+    parts["activations (saved for backward)"] = activation_bytes(a, cfg.precision, b, s, t)
     parts["CUDA context + workspace"] = CUDA_OVERHEAD
     return Plan(cfg.model, P, cfg.num_workers, cfg.precision, cfg.strategy, b, s, t, parts)
 
 
 def format_plan(p: Plan) -> str:
+    how = "the planner's choice for the largest card" if p.auto else "configured"
     lines = [
         f"model {p.model}: {p.params / 1e6:.1f}M parameters; {p.precision}, {p.strategy} on {p.workers} worker(s); "
-        f"micro batch {p.micro_batch} x ({p.source_len} source, {p.target_len} target) tokens",
+        f"micro batch {p.micro_batch} ({how}) x ({p.source_len} source, {p.target_len} target) tokens",
         "per-worker memory estimate:",
     ]
     lines += [f"  {k:<34} {v / GIB:8.2f} GiB" for k, v in p.parts.items()]
     lines.append(f"  {'total':<34} {p.total / GIB:8.2f} GiB")
-    lines += [f"  fits {name:<12} {'yes' if ok else 'NO ':<3}  "
-              f"({', '.join(n for n, (gpu, _) in NODE_TYPES.items() if gpu == name)})" for name, ok in p.fits().items()]
+    lines.append(f"per card (micro batch: the largest that fits with a {MARGIN:.0%} margin"
+                 f"{', used at run time' if p.auto else ''}):")
+    for name, ok in p.fits().items():
+        nodes = ", ".join(n for n, (gpu, _) in NODE_TYPES.items() if gpu == name) or "-"
+        choice = (p.choices or {}).get(name)
+        lines.append(f"  fits {name:<12} {'yes' if ok else 'NO ':<3}  micro batch {choice or 'none':>5}  ({nodes})")
     return "\n".join(lines)

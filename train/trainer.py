@@ -140,9 +140,10 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     # deprecation warning (it passes that field to the ExecutionOptions constructor).
     exec_opts = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
     exec_opts.preserve_order = True
-    log.info("[train] %s: %d steps x %d sequences (%d workers x %d micro x %d accum), %d train rows (%.1f MB, %s); "
-             "storage %s/%s", cfg.model, max_steps, cfg.global_batch_size, cfg.num_workers, cfg.micro_batch,
-             cfg.grad_accum, train_rows, train_mb, "read once per worker" if in_memory else "streamed",
+    log.info("[train] %s: %d steps x %d sequences (%d workers x %s micro x %s accum), %d train rows (%.1f MB, %s); "
+             "storage %s/%s", cfg.model, max_steps, cfg.global_batch_size, cfg.num_workers,
+             "auto" if cfg.auto_micro_batch else cfg.micro_batch, "auto" if cfg.auto_micro_batch else cfg.grad_accum,
+             train_rows, train_mb, "read once per worker" if in_memory else "streamed",
              storage, cfg.run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
