@@ -14,6 +14,7 @@ result ..." lines are silenced. Training's own step lines (our logger) are untou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -31,6 +32,21 @@ _NOTICES = ("Progress bars for operators disabled", "Progress bars disabled", "[
 _TRAIN_REPORT_LOGGER = os.path.join("train", "v2", "_internal", "execution", "context.py")
 # "Checkpoint successfully created at: ..." at every checkpoint (our loop prints its own shorter line).
 _TRAIN_CHECKPOINT_LOGGER = "ray.train.v2._internal.execution.storage"
+
+
+progress_unit = "rows"  # what Ray Data's row count counts in the running job (see counting())
+
+
+@contextlib.contextmanager
+def counting(unit: str):
+    """Within: `[data]` progress says `unit` (the pipeline's dataset holds one summary row per read unit,
+    so Ray's "rows" are units there); restored after."""
+    global progress_unit
+    before, progress_unit = progress_unit, unit
+    try:
+        yield
+    finally:
+        progress_unit = before
 
 
 class DriverDataFilter(logging.Filter):
@@ -54,7 +70,7 @@ class DriverDataFilter(logging.Filter):
             return False
         self._last = m.group(0)
         total = "" if m.group(2) == "?" else f"/{m.group(2)}"
-        record.msg, record.args = f"[data] {m.group(1)}{total} rows", None
+        record.msg, record.args = f"[data] {m.group(1)}{total} {progress_unit}", None
         return True
 
 

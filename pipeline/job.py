@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -191,9 +192,11 @@ def shuffle_buckets(units: list[ReadUnit]) -> int:
     return min(MAX_SHUFFLE_BUCKETS, max(1, math.ceil(rows / SHUFFLE_BUCKET_ROWS)))
 
 
-def pool_size(configured: int, cpus: int) -> int:
-    """Actors of the fused read -> clean -> tokenize pool: all CPUs but the driver's (0 = auto)."""
-    workers = configured or max(1, cpus - 1)
+def pool_size(configured: int, cpus: int, cores: int | None = None) -> int:
+    """Actors of the read -> clean -> tokenize -> write pool: all CPUs but the driver's (0 = auto), and on a
+    one-node Ray no more than the machine's cores (`cores`): a small machine's local Ray has more logical
+    CPUs than cores (cluster/connect.py), and a third generator on 2 cores only slowed the demo (82 -> 119 s)."""
+    workers = configured or max(1, min(cpus - 1, cores or cpus))
     if workers >= cpus > 1:
         raise ConfigError(f"pipeline.tokenize_workers={workers} would hold all {cpus} CPUs of the cluster and "
                           f"leave none for the driver, which runs Ray Data's executor; use at most {cpus - 1}")
@@ -226,7 +229,9 @@ def process_units(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fractio
     import ray
     from ray.data import ActorPoolStrategy
 
-    workers = pool_size(cfg.tokenize_workers, int(ray.cluster_resources().get("CPU", 1)))
+    one_node = sum(1 for n in ray.nodes() if n.get("Alive")) == 1  # then it is this machine (the driver's)
+    workers = pool_size(cfg.tokenize_workers, int(ray.cluster_resources().get("CPU", 1)),
+                        os.cpu_count() if one_node else None)
     tokenize = dict(tokenizer_json=tokenizer.backend_tokenizer.to_str(), eos_id=tokenizer.eos_token_id,
                     unk_id=tokenizer.unk_token_id, max_input_tokens=cfg.max_input_tokens,
                     max_label_tokens=cfg.max_label_tokens, validation_fraction=fraction, seed=cfg.seed)
@@ -238,9 +243,12 @@ def process_units(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fractio
     )
     totals = Totals(len(units))
     # Units finish in any order (no preserve_order needed): the totals and the row ranges are by unit index.
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for summary in batch["summary"].to_pylist():
-            totals.add(json.loads(summary))
+    from cluster.console import counting
+
+    with counting("read units"):  # one summary row per unit: Ray's progress counts units here
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for summary in batch["summary"].to_pylist():
+                totals.add(json.loads(summary))
     totals.check_complete()
     return totals
 

@@ -24,6 +24,13 @@ def test_driver_shows_total_progress_once_per_change_and_drops_the_rest():
         if f.filter(r):
             shown.append(r.getMessage())
     assert shown == ["[data] 120/960 rows", "[data] 960/960 rows"]
+    from cluster.console import counting
+
+    with counting("read units"):  # the pipeline's dataset counts one summary per read unit
+        r = _record(PROGRESS, "Total Progress: 3/13")
+        assert f.filter(r) and r.getMessage() == "[data] 3/13 read units"
+    r = _record(PROGRESS, "Total Progress: 4/13")
+    assert f.filter(r) and r.getMessage() == "[data] 4/13 rows"
     # The executor's per-dataset INFO chatter is dropped, its warnings and everything else kept.
     executor = "ray.data._internal.execution.streaming_executor"
     assert not f.filter(_record(executor, "Starting execution of Dataset dataset_1. Full logs are in /tmp/ray/..."))

@@ -516,6 +516,7 @@ def test_pool_uses_every_cpu_but_the_drivers():
     from pipeline.job import pool_size
 
     assert [pool_size(0, c) for c in (1, 2, 16, 192)] == [1, 1, 15, 191]
+    assert pool_size(0, 4, cores=2) == 2 and pool_size(0, 16, cores=16) == 15  # local Ray: not past the cores
     assert pool_size(4, 16) == 4
     with pytest.raises(ConfigError, match="tokenize_workers=16 would hold all 16 CPUs.*at most 15"):
         pool_size(16, 16)
