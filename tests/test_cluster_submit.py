@@ -131,11 +131,18 @@ def local_head():
 
 
 def submit(head: LocalHead, submission_id: str, entrypoint: list[str], timeout: float = 300):
-    """`ray job submit` exactly as `make submit` runs it; waits for the job and returns the CLI's result."""
-    return head.cli(
-        "job", "submit", "--submission-id", submission_id, "--working-dir", ".",
-        "--runtime-env", "cluster/runtime_env.yaml", "--", *entrypoint, timeout=timeout,
-    )
+    """`ray job submit` exactly as `make submit` runs it; waits for the job and returns the CLI's result.
+    A head that answers HTTP may not have its job agent yet ("No available agent to submit job, please
+    try again later": seen on a loaded 2-core machine); the job is then not created, so submit again."""
+    deadline = time.monotonic() + 60
+    while True:
+        result = head.cli(
+            "job", "submit", "--submission-id", submission_id, "--working-dir", ".",
+            "--runtime-env", "cluster/runtime_env.yaml", "--", *entrypoint, timeout=timeout,
+        )
+        if "No available agent to submit job" not in result.stdout + result.stderr or time.monotonic() > deadline:
+            return result
+        time.sleep(2)
 
 
 def job_status(head: LocalHead, submission_id: str) -> str:
