@@ -14,9 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,9 +26,14 @@ from train.config import TrainConfig
 from train.trainer import run
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import committed_checkpoints, make_dataset, read_metrics, wait_for  # noqa: E402
-
-LOSS_TOL = 1e-4  # as tests/test_train_ray.py: same seed, config and workers replay the same curve on CPU
+from train_fixtures import (  # noqa: E402
+    assert_same_curve,
+    committed_checkpoints,
+    loss_curve,
+    make_dataset,
+    read_metrics,
+    run_killing_rank0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +46,6 @@ def fsdp_cfg(data: Path, out: Path) -> TrainConfig:
                        strategy="fsdp", global_batch_size=16, max_steps=8, warmup_steps=2, eval_every=4,
                        ckpt_every=4, eval_samples=16, eval_batch_size=8, max_new_tokens=4, log_every=1,
                        keep_best_k=1, max_failures=1, lr=3e-3)
-
-
-def loss_curve(out: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
 
 
 @pytest.fixture(scope="module")
@@ -94,22 +93,11 @@ def test_fsdp_worker_sigkill_resumes_from_shards_on_the_same_curve(fsdp_ref, dat
     ref_cfg, _, ref_out = fsdp_ref
     out = tmp_path / "killed"
     cfg = dataclasses.replace(ref_cfg, output=str(out))
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.update(summary=run(cfg)), daemon=True)
-    t.start()
-    wait_for(lambda: "step_0000004" in committed_checkpoints(out / "ray" / cfg.run_name), 240,
-             "the first committed checkpoint")
-    pid = next(m["pid"] for m in read_metrics(out) if m.get("event") == "start")
-    os.kill(pid, signal.SIGKILL)  # the rank-0 training worker
-    t.join(300)
-    assert "summary" in box, "the run did not complete after the worker was killed"
+    summary = run_killing_rank0(cfg, after_step=4)
     resumes = [m for m in read_metrics(out) if m.get("event") == "resume"]
     assert resumes and resumes[0]["step"] >= 4
-    assert_sharded_and_exported(cfg, box["summary"], out)
-    ref, got = loss_curve(ref_out), loss_curve(out)
-    assert sorted(got) == list(range(1, 9))
-    for s in ref:
-        assert abs(ref[s] - got[s]) <= LOSS_TOL * max(1.0, abs(ref[s])), (s, ref[s], got[s])
+    assert_sharded_and_exported(cfg, summary, out)
+    assert_same_curve(ref_out, out, 8)
 
 
 # ---- asynchronous upload ----

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,18 +22,14 @@ from train.trainer import DataError, run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import (  # noqa: E402
-    committed_checkpoints,
+    assert_same_curve,
     linear_rows,
+    loss_curve,
     make_dataset,
     read_metrics,
     read_scalars,
-    wait_for,
+    run_killing_rank0,
 )
-
-# Same loss curve: same seed, config and worker count on CPU replay the same batches in the same order
-# (each epoch's order is a function of the seed and epoch; the data position is checkpointed) and the
-# same gloo reductions; observed differences are ~1e-7.
-LOSS_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +44,6 @@ def small_cfg(data: Path, out: Path, **kw) -> TrainConfig:
                 max_failures=1, lr=3e-3)
     base.update(kw)
     return TrainConfig(**base)
-
-
-def loss_curve(out: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
-
-
-def committed(out: Path, step: int) -> bool:
-    """Ray's controller has registered a checkpoint at `step` or later (one reported but not yet
-    registered when a worker dies is not resumed from)."""
-    return any(name >= f"step_{step:07d}" for name in committed_checkpoints(out / "ray" / "train"))
 
 
 def assert_outputs_load(out: Path, cfg: TrainConfig, steps: int) -> dict:
@@ -157,22 +140,12 @@ def test_worker_sigkill_resumes_on_the_same_curve(fault_free, data, tmp_path):
     ref_cfg, _, ref_out = fault_free
     out = tmp_path / "killed"
     cfg = dataclasses.replace(ref_cfg, output=str(out))
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.update(summary=run(cfg)), daemon=True)
-    t.start()
-    wait_for(lambda: committed(out, 4), 240, "the first committed checkpoint")
-    pid = next(m["pid"] for m in read_metrics(out) if m.get("event") == "start")
-    os.kill(pid, signal.SIGKILL)  # the rank-0 training worker
-    t.join(300)
-    assert "summary" in box, "the run did not complete after the worker was killed"
+    run_killing_rank0(cfg, after_step=4)
     events = read_metrics(out)
     resumes = [m for m in events if m.get("event") == "resume"]
     assert resumes and resumes[0]["step"] >= 4, events
     assert_outputs_load(out, cfg, 16)
-    ref, got = loss_curve(ref_out), loss_curve(out)
-    assert sorted(got) == list(range(1, 17))
-    for s in ref:
-        assert abs(ref[s] - got[s]) <= LOSS_TOL * max(1.0, abs(ref[s])), (s, ref[s], got[s])
+    assert_same_curve(ref_out, out, 16)
 
 
 @pytest.mark.slow
