@@ -328,6 +328,15 @@ def test_working_dir_upload_is_small_and_has_the_code(tmp_path):
     assert pkg.stat().st_size < 5 * 2**20, f"upload is {pkg.stat().st_size / 2**20:.1f} MiB"
 
 
+def test_every_gitignored_path_is_excluded_from_the_upload():
+    """Ray honours .gitignore only unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1: the excludes must hold the same
+    local state (a checkout after `make gpu-pack` uploaded 106 MiB of .gpu/ before they did)."""
+    norm = lambda p: p.strip().strip("/")  # noqa: E731
+    ignored = {norm(p) for p in (ROOT / ".gitignore").read_text().splitlines() if p.strip() and not p.startswith("#")}
+    missing = ignored - {norm(p) for p in load(RUNTIME_ENV)["excludes"]}
+    assert not missing, f".gitignore entries missing from cluster/runtime_env.yaml excludes: {sorted(missing)}"
+
+
 def test_make_submit_matches_the_documented_command():
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\nsubmit:", 1)[1].split("\n\n", 1)[0]
