@@ -14,9 +14,9 @@ ARGS    ?=
 # pip installs uv and torch first: torch at pyproject's exact pin, so pip's configuration picks the CPU
 # build where one lies on disk (uv looks only at the index, where that pin is a multi-GB CUDA build).
 # uv then installs the rest (torch already satisfies the pin), resolving and downloading in parallel.
-# Bytecode is compiled at install (pip does it by default, uv with --compile-bytecode): uv leaves none, and where PYTHONDONTWRITEBYTECODE is set (CI images)
-# every process, each Ray worker included, would compile torch/transformers/ray from source at import:
-# that alone made `make test` 2x slower from a fresh clone (24 vs 11 min on 2 cores).
+# Bytecode is compiled at install (pip by default, uv with --compile-bytecode; uv alone leaves none):
+# where PYTHONDONTWRITEBYTECODE is set (CI images) every process, each Ray worker included, would
+# otherwise compile torch/transformers/ray at import: `make test` from a fresh clone took 2x as long.
 TORCH_PIN = $(shell grep -o '"torch==[^"]*"' pyproject.toml)
 setup: $(STAMP)
 $(STAMP): pyproject.toml
