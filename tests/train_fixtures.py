@@ -134,6 +134,34 @@ def run_killing_rank0(cfg, after_step: int) -> dict:
     return box["summary"]
 
 
+def assert_sharded_and_exported(cfg, summary: dict, out: Path) -> None:
+    """An FSDP run's kept checkpoints are per-rank DCP shards (nothing gathered, no full optimizer state),
+    each checkpoint blocked training for a measured time, and final/ holds the best checkpoint's weights
+    with flan-t5's untied head."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from train.checkpoint import consolidate_model, verify_checkpoint
+
+    kept = sorted((Path(cfg.resolved_storage_path()) / cfg.run_name).glob("step_*"))
+    assert kept
+    for d in kept:
+        manifest = verify_checkpoint(d)
+        assert manifest["layout"] == "sharded"
+        # one shard per rank and DCP's metadata; no gathered safetensors, no full optimizer state
+        assert {f for f in manifest["files"] if f.startswith("dcp/")} == {"dcp/.metadata", "dcp/__0_0.distcp",
+                                                                       "dcp/__1_0.distcp"}
+        assert not list(d.glob("*.safetensors"))
+        assert "optimizer" not in torch.load(d / "train_state.pt", weights_only=True)
+    ckpts = [m for m in read_metrics(out) if m.get("event") == "checkpoint"]
+    assert ckpts and all(c["layout"] == "sharded" and c["blocked_s"] > 0 for c in ckpts)
+    final = AutoModelForSeq2SeqLM.from_pretrained(out / "final", use_safetensors=True)
+    best = consolidate_model(summary["best_checkpoint"]).state_dict()
+    got = final.state_dict()
+    assert set(best) == set(got) and all(torch.equal(best[k], got[k]) for k in best)
+    assert final.lm_head.weight is not final.shared.weight  # flan-style untied head survives the export
+
+
 def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
     """Scalars from TensorBoard event files, parsed with tensorboardX's own protobufs (TFRecord framing:
     length, crc, payload, crc)."""
