@@ -177,7 +177,6 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     # Actors on other nodes load the model (cluster/storage.py); the rows travel from the driver.
     local_model = cfg.model if os.path.isdir(cfg.model) else ""  # a hub id is downloaded on each node
     require_shared_storage({"eval.model": (local_model, False)}, ray_cfg, {"CPU": cpus, "GPU": gpus}, hi)
-    wait_until_free(cpus * lo, gpus * lo)  # e.g. training's workers, still being released
     log.info(
         "eval: %s on %d rows of %s, %s actor(s) x (%g CPU, %g GPU), batch %d, max_new_tokens %d",
         model.spec, split.rows, split.path, lo if lo == hi else f"{lo}-{hi}", cpus, gpus, cfg.batch_size,
@@ -206,6 +205,9 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
             num_cpus=cpus,
             num_gpus=gpus,
         )
+        # Here, not earlier: from_arrow ran a metadata task per block, whose CPUs come back a moment later
+        # (as do training's workers' after fit() returns). Ray Data warns "will hang" if none is free.
+        wait_until_free(cpus * lo, gpus * lo)
         parts = ray.get(ds.to_arrow_refs())  # blocks in input order (preserve_order)
         scored = pa.concat_tables(parts, promote_options="default")
         wall = time.perf_counter() - t0
