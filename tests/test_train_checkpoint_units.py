@@ -1,5 +1,5 @@
 """Sharded (FSDP, torch.distributed.checkpoint) checkpoints without Ray: one gloo process, FSDP2 over a
-world of 1 (the same code paths as 2 workers, which tests/test_train_checkpoints_ray.py runs)."""
+world of 1 (the same code paths as 2 workers, which tests/test_train_ray.py runs)."""
 
 from __future__ import annotations
 
