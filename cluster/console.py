@@ -35,18 +35,21 @@ _TRAIN_CHECKPOINT_LOGGER = "ray.train.v2._internal.execution.storage"
 
 
 progress_unit = "rows"  # what Ray Data's row count counts in the running job (see counting())
+progress_total: int | None = None  # the job's exact total, when the driver knows it (see counting())
 
 
 @contextlib.contextmanager
-def counting(unit: str):
+def counting(unit: str, total: int | None = None):
     """Within: `[data]` progress says `unit` (the pipeline's dataset holds one summary row per read unit,
-    so Ray's "rows" are units there); restored after."""
-    global progress_unit
-    before, progress_unit = progress_unit, unit
+    so Ray's "rows" are units there) and, given `total`, shows it instead of Ray's estimate (which
+    extrapolates from the first block: "64/512 rows" for eval's 500); restored after."""
+    global progress_unit, progress_total
+    before = progress_unit, progress_total
+    progress_unit, progress_total = unit, total
     try:
         yield
     finally:
-        progress_unit = before
+        progress_unit, progress_total = before
 
 
 class DriverDataFilter(logging.Filter):
@@ -69,7 +72,7 @@ class DriverDataFilter(logging.Filter):
         if not m or m.group(1) == "0" or m.group(0) == self._last:
             return False
         self._last = m.group(0)
-        total = "" if m.group(2) == "?" else f"/{m.group(2)}"
+        total = f"/{progress_total}" if progress_total is not None else "" if m.group(2) == "?" else f"/{m.group(2)}"
         record.msg, record.args = f"[data] {m.group(1)}{total} {progress_unit}", None
         return True
 

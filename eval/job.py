@@ -140,6 +140,7 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     import ray
 
     from cluster.connect import init_ray, wait_until_free
+    from cluster.console import counting
     from cluster.storage import require_shared_storage
     from eval.predict import Predictor
     from eval.resolve import (
@@ -208,7 +209,8 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
         # Here, not earlier: from_arrow ran a metadata task per block, whose CPUs come back a moment later
         # (as do training's workers' after fit() returns). Ray Data warns "will hang" if none is free.
         wait_until_free(cpus * lo, gpus * lo)
-        parts = ray.get(ds.to_arrow_refs())  # blocks in input order (preserve_order)
+        with counting("rows", total=split.rows):
+            parts = ray.get(ds.to_arrow_refs())  # blocks in input order (preserve_order)
         scored = pa.concat_tables(parts, promote_options="default")
         wall = time.perf_counter() - t0
     rows = check_rows(expected, scored)

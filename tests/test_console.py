@@ -31,6 +31,11 @@ def test_driver_shows_total_progress_once_per_change_and_drops_the_rest():
         assert f.filter(r) and r.getMessage() == "[data] 3/13 read units"
     r = _record(PROGRESS, "Total Progress: 4/13")
     assert f.filter(r) and r.getMessage() == "[data] 4/13 rows"
+    with counting("rows", total=500):  # eval knows its row count; Ray extrapolates from the first block
+        r = _record(PROGRESS, "Total Progress: 64/512")
+        assert f.filter(r) and r.getMessage() == "[data] 64/500 rows"
+    r = _record(PROGRESS, "Total Progress: 128/512")
+    assert f.filter(r) and r.getMessage() == "[data] 128/512 rows"
     # The executor's per-dataset INFO chatter is dropped, its warnings and everything else kept.
     executor = "ray.data._internal.execution.streaming_executor"
     assert not f.filter(_record(executor, "Starting execution of Dataset dataset_1. Full logs are in /tmp/ray/..."))
