@@ -192,15 +192,17 @@ def shuffle_buckets(units: list[ReadUnit]) -> int:
     return min(MAX_SHUFFLE_BUCKETS, max(1, math.ceil(rows / SHUFFLE_BUCKET_ROWS)))
 
 
-def pool_size(configured: int, cpus: int, cores: int | None = None) -> int:
+def pool_size(configured: int, cpus: int, cores: int | None = None, units: int | None = None) -> int:
     """Actors of the read -> clean -> tokenize -> write pool: all CPUs but the driver's (0 = auto), and on a
     one-node Ray no more than the machine's cores (`cores`): a small machine's local Ray has more logical
-    CPUs than cores (cluster/connect.py), and a third generator on 2 cores only slowed the demo (82 -> 119 s)."""
+    CPUs than cores (cluster/connect.py), and a third generator on 2 cores only slowed the demo (82 -> 119 s).
+    Never more than there are read units (`units`): an actor without a unit would only start (import the
+    tokenizer and the generator: seconds of CPU each) and stop. The output does not depend on the count."""
     workers = configured or max(1, min(cpus - 1, cores or cpus))
     if workers >= cpus > 1:
         raise ConfigError(f"pipeline.tokenize_workers={workers} would hold all {cpus} CPUs of the cluster and "
                           f"leave none for the driver, which runs Ray Data's executor; use at most {cpus - 1}")
-    return workers
+    return max(1, min(workers, units)) if units is not None else workers
 
 
 class ProcessUnit:
@@ -231,7 +233,7 @@ def process_units(cfg: PipelineConfig, units: list[ReadUnit], tokenizer, fractio
 
     one_node = sum(1 for n in ray.nodes() if n.get("Alive")) == 1  # then it is this machine (the driver's)
     workers = pool_size(cfg.tokenize_workers, int(ray.cluster_resources().get("CPU", 1)),
-                        os.cpu_count() if one_node else None)
+                        os.cpu_count() if one_node else None, len(units))
     tokenize = dict(tokenizer_json=tokenizer.backend_tokenizer.to_str(), eos_id=tokenizer.eos_token_id,
                     unk_id=tokenizer.unk_token_id, max_input_tokens=cfg.max_input_tokens,
                     max_label_tokens=cfg.max_label_tokens, validation_fraction=fraction, seed=cfg.seed)

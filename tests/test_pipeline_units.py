@@ -518,6 +518,7 @@ def test_pool_uses_every_cpu_but_the_drivers():
     assert [pool_size(0, c) for c in (1, 2, 16, 192)] == [1, 1, 15, 191]
     assert pool_size(0, 4, cores=2) == 2 and pool_size(0, 16, cores=16) == 15  # local Ray: not past the cores
     assert pool_size(4, 16) == 4
+    assert pool_size(0, 16, units=3) == 3 and pool_size(4, 16, units=1) == 1 and pool_size(0, 16, units=40) == 15
     with pytest.raises(ConfigError, match="tokenize_workers=16 would hold all 16 CPUs.*at most 15"):
         pool_size(16, 16)
 
