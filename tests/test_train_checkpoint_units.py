@@ -98,3 +98,28 @@ def test_torn_sharded_checkpoint_is_refused(pg, tok, tmp_path):
     with pytest.raises(CheckpointError, match="dcp/__0_0.distcp missing"):
         export_model_dir(d, tmp_path / "final")
     assert not (tmp_path / "final").exists()
+
+
+def test_a_new_checkpoint_waits_for_the_previous_upload_boundedly(tmp_path):
+    """Backpressure: Ray's single upload thread queues checkpoints as local copies; a new one is written only
+    once the previous copy is gone (uploaded and deleted by Ray), and the wait is bounded."""
+    import threading
+    import time
+
+    from train.loop import wait_for_uploads
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    pending = [str(a)]
+    assert wait_for_uploads(pending, timeout_s=0.2) == pytest.approx(0.2, abs=0.15)  # never deleted: bounded
+    assert pending == [str(a)]
+    threading.Timer(0.3, a.rmdir).start()  # "uploaded": Ray deletes the local copy
+    waited = wait_for_uploads(pending, timeout_s=30)
+    assert 0.25 <= waited < 5 and pending == []
+    pending = [str(b)]
+    assert wait_for_uploads(pending, max_pending=2) < 0.05  # below the bound: no wait
+    assert pending == [str(b)]
+    t0 = time.perf_counter()
+    b.rmdir()
+    assert wait_for_uploads(pending) < 0.05 and pending == [] and time.perf_counter() - t0 < 1

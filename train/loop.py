@@ -401,6 +401,25 @@ def log_validation(state: RunState, stopped_early: bool, seconds: float, metrics
                                     "validations_without_improvement": state.since_best})
 
 
+# Local checkpoint folders this process handed to Ray's background upload (Ray deletes each once uploaded).
+_pending_uploads: list[str] = []
+UPLOAD_WAIT_TIMEOUT_S = 3600.0
+
+
+def wait_for_uploads(pending: list[str], max_pending: int = 1, timeout_s: float = UPLOAD_WAIT_TIMEOUT_S) -> float:
+    """Backpressure for the background upload. Ray uploads one checkpoint at a time and queues the others,
+    each a full local copy (9.4 GB for flan-t5-large under DDP): with storage slower than ckpt_every they
+    would pile up until the disk is full. Waits until fewer than `max_pending` of `pending` still exist,
+    at most timeout_s (then goes on: the caller warns); prunes `pending`; returns the seconds waited."""
+    t0 = time.perf_counter()
+    while True:
+        pending[:] = [d for d in pending if os.path.exists(d)]
+        waited = time.perf_counter() - t0
+        if len(pending) < max_pending or waited >= timeout_s:
+            return waited
+        time.sleep(0.05)
+
+
 def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunState, order: dict[str, Any],
                     rank: int, metrics_path: Path, extra_metrics: dict[str, Any]) -> float:
     """Write this step's checkpoint to local disk and hand it to Ray Train, which uploads it in the
@@ -414,12 +433,18 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunSta
     order: a crash before that resumes from the previous checkpoint. A failed upload fails the worker
     group (it is raised in the training thread), which restarts from the last committed checkpoint under
     max_failures; it is never silently skipped. At the end of the loop Ray waits for the last upload.
+    A new checkpoint is written only once the previous one's upload is done (`wait_for_uploads`): at most
+    one local copy waits for storage, however slow it is.
     Every rank calls it: writing the shards and `report` are collectives."""
     import ray.train
 
     from train.checkpoint import write_checkpoint, write_sharded_checkpoint
 
     t_ck = time.perf_counter()
+    upload_wait = wait_for_uploads(_pending_uploads)
+    if _pending_uploads:
+        log.warning("[train] rank %d: the previous checkpoint's upload is still running after %.0fs; writing "
+                    "step %d beside it", rank, upload_wait, state.step)
     metrics = {"step": state.step, "epoch": state.epoch, "samples": state.samples, "tokens": state.tokens,
                "train_time_s": state.train_time_s, **state.last_val, **extra_metrics}
     if "score" not in metrics:  # eval disabled: rank checkpoints by recency
@@ -430,11 +455,13 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunSta
     tmp = None
     if cfg.strategy == "fsdp":
         tmp = tempfile.mkdtemp(prefix="mathtune-ckpt-")
+        _pending_uploads.append(tmp)
         write_sharded_checkpoint(tmp, model, optimizer, tokenizer, train_state, rank)
     else:
         model_sd, optim_sd = full_state_dicts(model, optimizer)
         if rank == 0:
             tmp = tempfile.mkdtemp(prefix="mathtune-ckpt-")
+            _pending_uploads.append(tmp)
             write_checkpoint(tmp, unwrap(model), model_sd, tokenizer, {**train_state, "optimizer": optim_sd})
         del model_sd, optim_sd
     # Every rank reports (it is a barrier); Ray merges the ranks' folders into one step_* directory.
@@ -444,9 +471,11 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunSta
                      delete_local_checkpoint_after_upload=True)
     blocked = time.perf_counter() - t_ck
     if rank == 0:
-        log.info("[train] checkpoint step %d written locally in %.1fs; uploading in the background",
-                 state.step, blocked)
+        log.info("[train] checkpoint step %d written locally in %.1fs%s; uploading in the background",
+                 state.step, blocked, f" (of which {upload_wait:.1f}s waiting for the previous upload)"
+                 if upload_wait >= 0.5 else "")
         append_jsonl(metrics_path, {"event": "checkpoint", "step": state.step, "blocked_s": round(blocked, 3),
+                                    "upload_wait_s": round(upload_wait, 3),
                                     "layout": "sharded" if cfg.strategy == "fsdp" else "full"})
     return blocked
 
