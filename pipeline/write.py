@@ -8,8 +8,12 @@ reproducible across runs, worker counts and faults.
 Train and validation are written in a seeded uniform random order, so that any reader streaming the files
 front to back sees every regime and module mixed in its share, not the source's regime-by-regime order (an
 accidental easy -> medium -> hard curriculum). The order is a two-pass bucket shuffle that keeps memory
-bounded by one bucket, not by the split. ShuffleWriter defines it on one process; the pipeline computes the
-same order spread over Ray workers, in three steps, none of them on the driver:
+bounded by one bucket, not by the split: each row goes to a bucket by a seeded hash of its position in the
+split's stream (bucket_ids), and each bucket is permuted by its own seeded permutation (bucket_permutation).
+A uniform random bucket followed by a uniform permutation within the bucket is a uniform permutation of the
+whole split, and since every bucket is a uniform sample, every window of consecutive rows is mixed as well.
+The pipeline computes that order spread over Ray workers, in three steps, none of them on the driver (the
+same order on one process, the reference the tests compare against: tests/pipeline_fixtures.py):
 
     UnitWriter (each read unit, in the worker that tokenized it): rows by split into its own spill files,
         rejects too; returns a small summary (counts, length histograms).
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -151,61 +154,6 @@ def group_by_bucket(table: pa.Table, ids: np.ndarray, buckets: int):
         yield int(b), grouped.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b]))
 
 
-class ShuffleWriter:
-    """A SplitWriter whose rows come out in a seeded uniform random order, memory bounded by one bucket: the
-    shuffle's definition on one process (the pipeline computes the same bytes with UnitWriter, scatter_units
-    and write_part on the workers; tests compare the two).
-
-    Pass 1 (write): each row goes to one of `buckets` spill files (Arrow IPC) by a seeded hash of its
-    position in the deterministic stream. Pass 2 (close): each bucket is read back, permuted by its own
-    seeded permutation and written through a SplitWriter, bucket after bucket. A uniform random bucket
-    followed by a uniform permutation within the bucket is a uniform permutation of the whole split, and
-    since every bucket is a uniform sample, every window of consecutive rows is mixed as well.
-    Same rows in the same stream order + same seed -> the same bytes.
-    """
-
-    def __init__(self, directory: Path, schema: pa.Schema, rows_per_file: int, *, seed: int, buckets: int,
-                 spill_dir: Path):
-        self.out = SplitWriter(directory, schema, rows_per_file)
-        self.schema, self.buckets = schema, max(1, buckets)
-        self.key = stream_key(seed, directory.name)
-        self.spill_dir = spill_dir
-        self.spills: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
-        self.rows = 0
-
-    def write(self, table: pa.Table) -> None:
-        n = table.num_rows
-        if n == 0:
-            return
-        table = table.select(self.schema.names).cast(self.schema)
-        ids = bucket_ids(self.rows, n, self.buckets, self.key)
-        self.rows += n
-        for b, rows in group_by_bucket(table, ids, self.buckets):
-            self._spill(b).write_table(rows)
-
-    def _spill(self, b: int) -> pa.ipc.RecordBatchStreamWriter:
-        if b not in self.spills:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            self.spills[b] = pa.ipc.new_stream(str(self._path(b)), self.schema, options=SPILL_OPTIONS)
-        return self.spills[b]
-
-    def _path(self, b: int) -> Path:
-        return self.spill_dir / f"bucket-{b:05d}.arrow"
-
-    def close(self) -> list[Path]:
-        for w in self.spills.values():
-            w.close()
-        for b in sorted(self.spills):
-            path = self._path(b)
-            with pa.OSFile(str(path)) as src:
-                bucket = pa.ipc.open_stream(src).read_all()
-            self.out.write(bucket.take(pa.array(bucket_permutation(self.key, b, bucket.num_rows))))
-            del bucket
-            path.unlink()
-        shutil.rmtree(self.spill_dir, ignore_errors=True)
-        return self.out.close()
-
-
 class LengthStats:
     """Token-length histograms of one split (exact counts, so the manifest can be checked row by row)."""
 
@@ -254,9 +202,6 @@ class LengthStats:
 
 
 # ---- the workers' side: each read unit writes its own files ------------------------------------------------
-
-SPILL_KINDS = ("train", "validation", "test", "rejects")
-
 
 def unit_spill(spill: Path, kind: str, unit: int) -> Path:
     """A unit's rows of one kind (a split, or rejects), in stream order."""

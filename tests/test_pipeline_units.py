@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import driver_stream_write
+from pipeline_fixtures import ShuffleWriter, driver_stream_write
 
 from cluster.config import ConfigError, from_dict
 from cluster.core import DATA_SCHEMA, RejectError, load_tokenizer, write_json_atomic
@@ -18,7 +18,7 @@ from pipeline.clean import clean_text, decode_utf8, strip_wrapper
 from pipeline.config import PipelineConfig
 from pipeline.tokenize_step import TokenizeBatch, holdout_mask
 from pipeline.validate import prepare_text, text_reasons, token_reasons
-from pipeline.write import LengthStats, ShuffleWriter, SplitWriter, bucket_ids, content_hash
+from pipeline.write import LengthStats, SplitWriter, bucket_ids, content_hash
 
 # ---- cleaning ---------------------------------------------------------------------------------------
 
