@@ -56,23 +56,31 @@ def write_checkpoint(
     train_state: dict[str, Any],
 ) -> Path:
     """Write a complete checkpoint into `directory` (which must be new or empty). Rank 0 only."""
+    d = _empty_dir(directory)
+    model.save_pretrained(d, state_dict=model_state, safe_serialization=True)
+    tokenizer.save_pretrained(d)
+    torch.save(train_state, d / TRAIN_STATE)
+    _write_manifest(d, train_state, _files(d))
+    return d
+
+
+def _empty_dir(directory: str | Path) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if any(d.iterdir()):
         raise CheckpointError(f"refusing to write a checkpoint into non-empty {d}")
-    model.save_pretrained(d, state_dict=model_state, safe_serialization=True)
-    tokenizer.save_pretrained(d)
-    torch.save(train_state, d / TRAIN_STATE)
-    files = {p.name: p.stat().st_size for p in sorted(d.iterdir()) if p.is_file()}
-    manifest = {"format": FORMAT_VERSION, "step": train_state["step"], "files": files}
-    if train_state.get("data_order"):  # what the saved data position means; the driver checks it on resume
-        manifest["data_order"] = train_state["data_order"]
-    write_json_atomic(d / MANIFEST, manifest)  # the manifest appears whole or not at all
     return d
 
 
 def _files(d: Path) -> dict[str, int]:
     return {p.relative_to(d).as_posix(): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _write_manifest(d: Path, train_state: dict[str, Any], files: dict[str, int], **extra: Any) -> None:
+    manifest = {"format": FORMAT_VERSION, **extra, "step": train_state["step"], "files": files}
+    if train_state.get("data_order"):  # what the saved data position means; the driver checks it on resume
+        manifest["data_order"] = train_state["data_order"]
+    write_json_atomic(d / MANIFEST, manifest)  # the manifest appears whole or not at all
 
 
 def write_sharded_checkpoint(directory: str | Path, model, optimizer, tokenizer, train_state: dict[str, Any],
@@ -84,10 +92,7 @@ def write_sharded_checkpoint(directory: str | Path, model, optimizer, tokenizer,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    if any(d.iterdir()):
-        raise CheckpointError(f"refusing to write a checkpoint into non-empty {d}")
+    d = _empty_dir(directory)
     model_sd, optim_sd = get_state_dict(model, optimizer)  # this rank's shards (DTensors): no gather
     dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(d / SHARDS))
     core = model.module if hasattr(model, "module") else model
@@ -101,12 +106,9 @@ def write_sharded_checkpoint(directory: str | Path, model, optimizer, tokenizer,
     dist.all_gather_object(per_rank, _files(d))  # the file names and sizes every rank wrote (a few lines)
     if rank == 0:
         files = {k: v for f in per_rank for k, v in (f or {}).items()}
-        manifest = {"format": FORMAT_VERSION, "layout": "sharded", "step": train_state["step"], "files": files,
-                    # what the export needs to rebuild the module tree: T5 v1.1 / flan heads are untied
-                    "untied_lm_head": core.lm_head.weight is not core.shared.weight}
-        if train_state.get("data_order"):
-            manifest["data_order"] = train_state["data_order"]
-        write_json_atomic(d / MANIFEST, manifest)
+        # untied_lm_head: what the export needs to rebuild the module tree (T5 v1.1 / flan heads are untied)
+        _write_manifest(d, train_state, files, layout="sharded",
+                        untied_lm_head=core.lm_head.weight is not core.shared.weight)
     return d
 
 
