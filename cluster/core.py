@@ -105,6 +105,12 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
+def append_jsonl(path: str | Path, obj: dict[str, Any]) -> None:
+    """One JSON line appended (a log that runs and restarts add to: metrics.jsonl, stages.jsonl)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
 def read_json(path: str | Path) -> Any | None:
     """The parsed file, or None when it is missing or unreadable (a torn write, another tool's file)."""
     try:

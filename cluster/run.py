@@ -37,7 +37,7 @@ from cluster.config import (
     run_cli,
     set_error_log_dir,
 )
-from cluster.core import ResourceError, read_json, write_json_atomic
+from cluster.core import ResourceError, append_jsonl, read_json, write_json_atomic
 
 log = logging.getLogger("mathtune.run")
 
@@ -246,6 +246,7 @@ def run(job: Job) -> dict[str, Any]:
         t0 = time.perf_counter()
         out = fn()
         timings[name] = time.perf_counter() - t0
+        log_stage(job.root, name, timings[name])
         print(f"[run] {name}: done in {timings[name]:.1f}s -> {outputs}", flush=True)
         return out
 
@@ -263,7 +264,7 @@ def run(job: Job) -> dict[str, Any]:
     if "eval-after" in timings:  # scored in this invocation: put the test metrics beside training's curves
         track_eval_metrics(job, before, after)
     card = write_model_card(job, before, after)
-    summary = collect_summary(job, timings, before, after)
+    summary = collect_summary(job, before, after)
     summary["outputs"]["model_card"] = str(card)
     write_json_atomic(job.root / "run_summary.json", summary)
     print(format_summary(summary), flush=True)
@@ -272,6 +273,25 @@ def run(job: Job) -> dict[str, Any]:
 
         push_model(Path(job.train.output) / "final", job.run.push_to_hub)
     return summary
+
+
+def log_stage(root: Path, name: str, seconds: float) -> None:
+    """<run>/logs/stages.jsonl: one line per stage finished, whichever invocation ran it (a rerun after a
+    crash skips the stages done before, and run_summary.json still says how long each took)."""
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    append_jsonl(root / "logs" / "stages.jsonl", {"stage": name, "seconds": round(seconds, 1),
+                                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def stage_seconds(root: Path) -> dict[str, float]:
+    """Each stage's seconds from its latest run (stages.jsonl), in the order the stages ran."""
+    seconds: dict[str, float] = {}
+    path = root / "logs" / "stages.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        rec = json.loads(line)
+        seconds.pop(rec["stage"], None)
+        seconds[rec["stage"]] = rec["seconds"]
+    return seconds
 
 
 def eval_metrics(job: Job) -> tuple[dict | None, dict | None]:
@@ -307,12 +327,12 @@ def write_model_card(job: Job, before: dict | None, after: dict | None) -> Path:
     return write_card(Path(job.train.output) / "final", to_dict(job.train), before, after, name=job.root.name)
 
 
-def collect_summary(job: Job, timings: dict[str, float], before: dict | None, after: dict | None) -> dict[str, Any]:
+def collect_summary(job: Job, before: dict | None, after: dict | None) -> dict[str, Any]:
     manifest = read_json(Path(job.pipeline.output) / "manifest.json") or {}
     train = read_json(Path(job.train.output) / "summary.json") or {}
     return {
         "root": str(job.root),
-        "stage_seconds": timings,
+        "stage_seconds": stage_seconds(job.root),
         "rows": {k: manifest.get(k) for k in ("rows_in", "rows_kept", "rows_rejected")},
         "train": {k: train.get(k) for k in ("steps", "samples", "wall_time_s", "samples_per_s")},
         "eval_before": before,

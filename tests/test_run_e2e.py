@@ -100,6 +100,9 @@ def test_end_to_end_job_driver_kill_resume_outputs_and_no_token_leak(tmp_path):
         assert not d.exists() or d.stat().st_mtime == mtime
 
     summary = json.loads((out / "run_summary.json").read_text())
+    # The stages the killed first invocation finished keep their times (logs/stages.jsonl).
+    assert list(summary["stage_seconds"]) == ["pipeline", "eval-before", "train", "eval-after"], summary
+    assert all(v > 0 for v in summary["stage_seconds"].values())
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert manifest["rows_in"] == 3 * 3 * 100 + 3 * 40 + 40 == manifest["rows_kept"] + manifest["rows_rejected"]
     assert summary["train"]["steps"] == 16 and summary["train"]["samples"] == 16 * 16
@@ -138,6 +141,7 @@ def test_end_to_end_job_driver_kill_resume_outputs_and_no_token_leak(tmp_path):
     # 3. A third run finds every stage complete and redoes nothing.
     log3 = _run(config, env)
     assert log3.count("already complete, skipped") == 4, log3[-3000:]
+    assert json.loads((out / "run_summary.json").read_text())["stage_seconds"] == summary["stage_seconds"]
 
     # The token was in the job's environment the whole time; it must appear in no output and no log.
     leaks = [str(p) for p in out.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cluster.core import CheckpointError, write_text_atomic
+from cluster.core import CheckpointError, append_jsonl, write_text_atomic
 from train.collate import collate_seq2seq
 from train.config import TrainConfig
 from train.ddp_hooks import apply_comm_hook
@@ -51,11 +51,6 @@ def autocast(cfg: TrainConfig, device: torch.device):
     if cfg.precision == "bf16-mixed":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
 
 
 def truncate_metrics(path: Path, step: int) -> None:
