@@ -216,13 +216,13 @@ def base_model(job: Job):
     import torch
 
     from cluster.core import load_tokenizer
-    from train.model import build_model
+    from train.model import build_model, save_model
 
     dest = Path(job.eval_before.model)
     tok = load_tokenizer(job.train.tokenizer or str(Path(job.pipeline.output) / "tokenizer"))
     torch.manual_seed(job.train.seed)
     model = build_model(spec, len(tok), tok.pad_token_id, tok.eos_token_id)
-    model.save_pretrained(dest)
+    save_model(model, dest)
     tok.save_pretrained(dest)
     return job.eval_before
 

@@ -87,6 +87,7 @@ def test_sharded_checkpoint_resumes_identically_and_exports(pg, tok, tmp_path):
     final = tmp_path / "final"
     assert main(["export", str(d), str(final)]) == 0  # python -m train export: any kept checkpoint
     assert not (final / "dcp").exists() and not (final / "train_state.pt").exists()
+    assert '"tie_word_embeddings": false' in (final / "config.json").read_text()  # as flan-t5's: untied head
     loaded = AutoModelForSeq2SeqLM.from_pretrained(final, use_safetensors=True)
     got = loaded.state_dict()
     assert set(got) == set(saved) and all(torch.equal(got[k], saved[k]) for k in saved)

@@ -203,6 +203,33 @@ def test_tiny_model_has_flan_t5s_untied_head(tmp_path, tok):
     assert count_params(architecture(str(tmp_path)))[0] == count_params(architecture("t5-tiny"))[0]
 
 
+def test_saved_config_says_untied_head_as_flan_t5s_does(tmp_path, tok):
+    """Every model folder we write says tie_word_embeddings=false for an untied head (a reader honouring the
+    flag, transformers 4 included, would otherwise tie the head and scale the output), and transformers 5
+    loads it as the same model; an original (tied) T5's config is left as it is."""
+    import json
+
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+    from train.model import save_model
+
+    torch.manual_seed(0)
+    m = build_model("t5-tiny", len(tok)).eval()
+    save_model(m, tmp_path / "untied")
+    cfg = json.loads((tmp_path / "untied" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["scale_decoder_outputs"] is False
+    again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "untied", use_safetensors=True).eval()
+    assert not again.config.scale_decoder_outputs and again.lm_head.weight is not again.shared.weight
+    b = collate_seq2seq({"input_ids": [[5, 6, 1], [7, 1]], "labels": [[8, 9, 1], [10, 1]]})
+    with torch.no_grad():
+        assert torch.equal(again(**b).logits, m(**b).logits)
+    tied = T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_heads=2,
+                                               num_layers=1))
+    save_model(tied, tmp_path / "tied")
+    cfg = json.loads((tmp_path / "tied" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is True and cfg["scale_decoder_outputs"] is True
+
+
 def test_checkpoint_without_the_untied_head_is_refused(tmp_path, tok):
     from safetensors.torch import load_file, save_file
 

@@ -56,8 +56,10 @@ def write_checkpoint(
     train_state: dict[str, Any],
 ) -> Path:
     """Write a complete checkpoint into `directory` (which must be new or empty). Rank 0 only."""
+    from train.model import save_model
+
     d = _empty_dir(directory)
-    model.save_pretrained(d, state_dict=model_state, safe_serialization=True)
+    save_model(model, d, state_dict=model_state)
     tokenizer.save_pretrained(d)
     torch.save(train_state, d / TRAIN_STATE)
     _write_manifest(d, train_state, _files(d))
@@ -97,7 +99,10 @@ def write_sharded_checkpoint(directory: str | Path, model, optimizer, tokenizer,
     dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(d / SHARDS))
     core = model.module if hasattr(model, "module") else model
     if rank == 0:
+        from train.model import mark_untied_head
+
         core.config.save_pretrained(d)
+        mark_untied_head(d)
         if getattr(core, "generation_config", None) is not None:
             core.generation_config.save_pretrained(d)
         tokenizer.save_pretrained(d)
@@ -224,7 +229,9 @@ def export_model_dir(checkpoint_dir: str | Path, dest: str | Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     if manifest.get("layout") == "sharded":
-        consolidate_model(src).save_pretrained(tmp, safe_serialization=True)
+        from train.model import save_model
+
+        save_model(consolidate_model(src), tmp)
     for p in src.iterdir():
         if p.is_file() and p.name not in (TRAIN_STATE, MANIFEST) and not (tmp / p.name).exists():
             shutil.copy2(p, tmp / p.name)

@@ -6,13 +6,15 @@ flan-t5-large takes, untied LM head included. transformers 5 ties the head of an
 (T5Config forces tie_word_embeddings=True and reads a passed False only as "T5 v1.1/flan: don't scale the
 decoder output"), so `untie_lm_head` gives the tiny models their own head after construction. Saved, such a
 model holds lm_head.weight != shared.weight, and from_pretrained keeps the two apart (it logs "both are
-present in the checkpoints with different values, so we will NOT tie them"), exactly as it loads flan-t5.
+present in the checkpoints with different values, so we will NOT tie them"), exactly as it loads flan-t5;
+its config.json says tie_word_embeddings=false, as flan-t5's does (save_model).
 Checkpoints load from safetensors only and never with remote code.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from cluster.core import ModelError, check_model_dir, is_local_spec
@@ -96,6 +98,29 @@ def untie_lm_head(model):
     model.lm_head.weight = torch.nn.Parameter(weight)
     model.all_tied_weights_keys.pop("lm_head.weight", None)
     return model
+
+
+def save_model(model, directory, **kwargs) -> None:
+    """`save_pretrained` (safetensors) with a config.json every reader takes as this model (mark_untied_head)."""
+    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    mark_untied_head(directory)
+
+
+def mark_untied_head(directory) -> None:
+    """Rewrites a saved T5 config.json to say `tie_word_embeddings: false` when the head is untied, as
+    flan-t5's own config.json does. transformers 5 saves `true` for every T5 (T5Config forces it) and keeps
+    the truth in `scale_decoder_outputs: false`, which only it reads: transformers 4 (and any reader that
+    honours the flag) would load our untied flan-t5 finetune with its head tied to the embedding and the
+    decoder output scaled, a different model, without an error. transformers 5 loads either file the same."""
+    import json
+
+    from cluster.core import write_json_atomic
+
+    path = Path(directory) / "config.json"
+    cfg = json.loads(path.read_text())
+    if cfg.get("model_type") == "t5" and cfg.get("scale_decoder_outputs") is False and cfg.get("tie_word_embeddings"):
+        cfg["tie_word_embeddings"] = False
+        write_json_atomic(path, cfg)
 
 
 def arch_of(config) -> dict[str, Any]:
