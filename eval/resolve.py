@@ -20,6 +20,7 @@ from cluster.core import (
     is_local_spec,
     load_tokenizer,
     open_split,
+    quiet_untied_head_notice,
     read_json,
 )
 
@@ -73,6 +74,7 @@ def load_model(spec: str, dtype=None):
     """Weights from safetensors only (use_safetensors=True never falls back to a pickle)."""
     from transformers import AutoModelForSeq2SeqLM
 
+    quiet_untied_head_notice()
     try:
         return AutoModelForSeq2SeqLM.from_pretrained(
             spec, use_safetensors=True, dtype=dtype, trust_remote_code=False

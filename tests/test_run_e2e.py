@@ -130,6 +130,7 @@ def test_end_to_end_job_driver_kill_resume_outputs_and_no_token_leak(tmp_path):
     assert "Reporting training result" not in log1 + log2 and "Checkpoint successfully created" not in log2
     assert "\x1b[" not in log2 and "Running Dataset" not in log2 and "exclude_resources" not in log2  # no escape codes
     assert "will hang" not in log1 + log2  # no stage starts a Ray Data job before the last one's CPUs are back
+    assert "NOT tie them" not in log1 + log2  # transformers' notice at every load of an untied-head T5
     assert log2.count("full logs: ") == 1 and "[train] step " in log2
     from huggingface_hub import ModelCard
 

@@ -427,3 +427,32 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tok, backend):
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     g0, g1 = eager.encoder.block[0].layer[0].SelfAttention.q.weight.grad, compiled.encoder.block[0].layer[0].SelfAttention.q.weight.grad
     assert torch.allclose(g0, g1, rtol=1e-3, atol=1e-6)
+
+
+def test_loading_an_untied_t5_does_not_log_the_tie_notice(tmp_path, tok):
+    """transformers 5 logs "... will NOT tie them" at every load of a T5 with its own head (flan-t5's too):
+    train's and eval's loaders drop that line, and only that one."""
+    import logging
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    from cluster.core import _UntiedHeadNotice
+    from eval.resolve import load_model
+    from train.model import save_model
+
+    save_model(build_model("t5-tiny", len(tok)), tmp_path)
+    logger = logging.getLogger("transformers.modeling_utils")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        load_model(str(tmp_path))
+        build_model(str(tmp_path), len(tok))
+        assert not [r for r in records if "NOT tie them" in r.getMessage()]
+        for f in [f for f in logger.filters if isinstance(f, _UntiedHeadNotice)]:
+            logger.removeFilter(f)
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path, use_safetensors=True)  # the notice is real
+        assert [r for r in records if "to tie shared.weight to lm_head.weight" in r.getMessage()]
+    finally:
+        logger.removeHandler(handler)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cluster.core import ModelError, check_model_dir, is_local_spec
+from cluster.core import ModelError, check_model_dir, is_local_spec, quiet_untied_head_notice
 
 # d_model / layers / heads chosen for learning per CPU-minute (measured on a 2-core machine: d_model 128, 2+2 layers
 # at batch 128 runs ~520 samples/s on 2 cores).
@@ -65,6 +65,7 @@ def build_model(spec: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, dr
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
     if dropout is not None:
         kwargs["dropout_rate"] = dropout
+    quiet_untied_head_notice()
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(os.path.expanduser(spec), **kwargs)
     except (OSError, ValueError) as e:
