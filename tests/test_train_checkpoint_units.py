@@ -136,7 +136,7 @@ def test_local_checkpoint_copies_of_dead_workers_are_removed_and_no_other(tmp_pa
     import sys
     from pathlib import Path
 
-    from train.loop import checkpoint_dir_prefix, local_checkpoint_dir, remove_orphaned_checkpoints
+    from train.checkpoint import checkpoint_dir_prefix, local_checkpoint_dir, remove_orphaned_checkpoints
 
     live = Path(local_checkpoint_dir(str(tmp_path)))  # this process's: alive
     dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

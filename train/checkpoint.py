@@ -34,6 +34,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,45 @@ def consolidate_model(directory: str | Path):
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, storage_reader=reader, no_dist=True)  # in place into the model's tensors
     return model
+
+
+CKPT_PREFIX = "mathtune-ckpt-"
+
+
+def checkpoint_dir_prefix(host: str, pid: int | str) -> str:
+    return f"{CKPT_PREFIX}{host}-pid{pid}-"
+
+
+def local_checkpoint_dir(root: str | None = None) -> str:
+    """A new local folder for one checkpoint, named after this host and process (remove_orphaned_checkpoints)."""
+    return tempfile.mkdtemp(prefix=checkpoint_dir_prefix(socket.gethostname(), os.getpid()), dir=root)
+
+
+def remove_orphaned_checkpoints(root: str | None = None) -> list[str]:
+    """Deletes the local checkpoint folders that processes of this host which no longer run left behind, and
+    returns them. Ray deletes a local copy only once it is uploaded, so a worker killed during an upload
+    leaves its copy (9.4 GB for flan-t5-large under DDP) on the node's disk, once per failure. Called as a
+    worker starts. Only this host's names (pods sharing a host's /tmp have their own hostnames and pid
+    spaces), and only pids that do not exist: a live process's folder (another run's) is never touched."""
+    import re
+
+    root = root or tempfile.gettempdir()
+    pattern = re.compile(re.escape(f"{CKPT_PREFIX}{socket.gethostname()}-pid") + r"(\d+)-")
+    removed = []
+    for name in sorted(os.listdir(root)):
+        m = pattern.match(name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # alive (or another user's: PermissionError below is a live process too)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # two ranks of a node may race: fine
+        removed.append(name)
+    return removed
 
 
 def export_model_dir(checkpoint_dir: str | Path, dest: str | Path) -> Path:

@@ -20,8 +20,6 @@ import json
 import logging
 import math
 import os
-import socket
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -410,46 +408,6 @@ def log_validation(state: RunState, stopped_early: bool, seconds: float, metrics
 # Local checkpoint folders this process handed to Ray's background upload (Ray deletes each once uploaded).
 _pending_uploads: list[str] = []
 UPLOAD_WAIT_TIMEOUT_S = 3600.0
-CKPT_PREFIX = "mathtune-ckpt-"
-
-
-def checkpoint_dir_prefix(host: str, pid: int | str) -> str:
-    return f"{CKPT_PREFIX}{host}-pid{pid}-"
-
-
-def local_checkpoint_dir(root: str | None = None) -> str:
-    """A new local folder for one checkpoint, named after this host and process (remove_orphaned_checkpoints)."""
-    return tempfile.mkdtemp(prefix=checkpoint_dir_prefix(socket.gethostname(), os.getpid()), dir=root)
-
-
-def remove_orphaned_checkpoints(root: str | None = None) -> list[str]:
-    """Deletes the local checkpoint folders that processes of this host which no longer run left behind, and
-    returns them. Ray deletes a local copy only once it is uploaded, so a worker killed during an upload
-    leaves its copy (9.4 GB for flan-t5-large under DDP) on the node's disk, once per failure. Called as a
-    worker starts. Only this host's names (pods sharing a host's /tmp have their own hostnames and pid
-    spaces), and only pids that do not exist: a live process's folder (another run's) is never touched."""
-    import re
-    import shutil
-
-    root = root or tempfile.gettempdir()
-    pattern = re.compile(re.escape(f"{CKPT_PREFIX}{socket.gethostname()}-pid") + r"(\d+)-")
-    removed = []
-    for name in sorted(os.listdir(root)):
-        m = pattern.match(name)
-        if not m:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue  # alive (or another user's: PermissionError below is a live process too)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # two ranks of a node may race: fine
-        removed.append(name)
-    return removed
-
-
 def wait_for_uploads(pending: list[str], max_pending: int = 1, timeout_s: float = UPLOAD_WAIT_TIMEOUT_S) -> float:
     """Backpressure for the background upload. Ray uploads one checkpoint at a time and queues the others,
     each a full local copy (9.4 GB for flan-t5-large under DDP): with storage slower than ckpt_every they
@@ -482,7 +440,7 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunSta
     Every rank calls it: writing the shards and `report` are collectives."""
     import ray.train
 
-    from train.checkpoint import write_checkpoint, write_sharded_checkpoint
+    from train.checkpoint import local_checkpoint_dir, write_checkpoint, write_sharded_checkpoint
 
     t_ck = time.perf_counter()
     upload_wait = wait_for_uploads(_pending_uploads)
@@ -540,6 +498,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from cluster.core import load_tokenizer
+    from train.checkpoint import remove_orphaned_checkpoints
     from train.tracking import make_tracker
 
     cfg = TrainConfig(**config["cfg"])
