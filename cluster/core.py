@@ -232,7 +232,7 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
-class _UntiedHeadNotice(logging.Filter):
+class UntiedHeadNotice(logging.Filter):
     """Drops transformers 5's "... specifies to tie shared.weight to lm_head.weight, but both are present in
     the checkpoints with different values, so we will NOT tie them", logged at every load of a T5 with its
     own LM head: flan-t5 and every model this project writes. T5Config forces tie_word_embeddings=true
@@ -247,8 +247,8 @@ class _UntiedHeadNotice(logging.Filter):
 def quiet_untied_head_notice() -> None:
     """Call before `from_pretrained` of a T5 (once per process is enough; repeated calls add nothing)."""
     logger = logging.getLogger("transformers.modeling_utils")
-    if not any(isinstance(f, _UntiedHeadNotice) for f in logger.filters):
-        logger.addFilter(_UntiedHeadNotice())
+    if not any(isinstance(f, UntiedHeadNotice) for f in logger.filters):
+        logger.addFilter(UntiedHeadNotice())
 
 
 def has_tokenizer(path: str | Path) -> bool:

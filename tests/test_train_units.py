@@ -436,7 +436,7 @@ def test_loading_an_untied_t5_does_not_log_the_tie_notice(tmp_path, tok):
 
     from transformers import AutoModelForSeq2SeqLM
 
-    from cluster.core import _UntiedHeadNotice
+    from cluster.core import UntiedHeadNotice
     from eval.resolve import load_model
     from train.model import save_model
 
@@ -450,7 +450,7 @@ def test_loading_an_untied_t5_does_not_log_the_tie_notice(tmp_path, tok):
         load_model(str(tmp_path))
         build_model(str(tmp_path), len(tok))
         assert not [r for r in records if "NOT tie them" in r.getMessage()]
-        for f in [f for f in logger.filters if isinstance(f, _UntiedHeadNotice)]:
+        for f in [f for f in logger.filters if isinstance(f, UntiedHeadNotice)]:
             logger.removeFilter(f)
         AutoModelForSeq2SeqLM.from_pretrained(tmp_path, use_safetensors=True)  # the notice is real
         assert [r for r in records if "to tie shared.weight to lm_head.weight" in r.getMessage()]

@@ -5,9 +5,9 @@ position buckets, pad=decoder start=0, eos=1) so every code path the demo exerci
 flan-t5-large takes, untied LM head included. transformers 5 ties the head of any T5 *built from a config*
 (T5Config forces tie_word_embeddings=True and reads a passed False only as "T5 v1.1/flan: don't scale the
 decoder output"), so `untie_lm_head` gives the tiny models their own head after construction. Saved, such a
-model holds lm_head.weight != shared.weight, and from_pretrained keeps the two apart (it logs "both are
-present in the checkpoints with different values, so we will NOT tie them"), exactly as it loads flan-t5;
-its config.json says tie_word_embeddings=false, as flan-t5's does (save_model).
+model holds lm_head.weight != shared.weight, and from_pretrained keeps the two apart, exactly as it loads
+flan-t5 (it says so at every load, "so we will NOT tie them": our loaders drop that line); its config.json
+says tie_word_embeddings=false, as flan-t5's does (save_model).
 Checkpoints load from safetensors only and never with remote code.
 """
 
