@@ -110,7 +110,8 @@ def wait_until_free(cpus: float, gpus: float = 0.0, timeout_s: float = 30.0) -> 
     """Wait (bounded) until the cluster has `cpus` / `gpus` free right now. A stage that just ended gives its
     resources back asynchronously (Ray Train releases its placement group a few seconds after fit()
     returns; a finished task's CPU a moment after it returns); starting a Ray Data job before that logs
-    "does not have any available CPUs ... will hang". Never an error: require_resources has already checked the totals. Returns whether they were free."""
+    "does not have any available CPUs ... will hang". Never an error: require_resources has already checked
+    the totals. Returns whether they were free."""
     import ray
 
     deadline = time.monotonic() + timeout_s

@@ -284,12 +284,11 @@ def log_stage(root: Path, name: str, seconds: float) -> None:
 
 
 def stage_seconds(root: Path) -> dict[str, float]:
-    """Each stage's seconds from its latest run (stages.jsonl), in the order the stages ran."""
+    """Each stage's seconds from its latest run (stages.jsonl: later lines win), in the job's stage order."""
     seconds: dict[str, float] = {}
     path = root / "logs" / "stages.jsonl"
     for line in path.read_text().splitlines() if path.is_file() else []:
         rec = json.loads(line)
-        seconds.pop(rec["stage"], None)
         seconds[rec["stage"]] = rec["seconds"]
     return seconds
 

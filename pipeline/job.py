@@ -11,8 +11,8 @@ shuffle and the driver's write ceiling"). Now the driver does no per-row work: e
 (counts by split, module, regime and reject reason; exact token-length histograms; rows per spill file),
 the driver adds them up (rows_in = kept + rejected, checked, also against the rows the parts hold) and
 hands out the row ranges. The output is the one a single process writes from the stream of units in order
-(pipeline/write.py's seeded bucket shuffle, fixed rows per file; tests/pipeline_fixtures.py): byte-identical for a seed
-and config, whatever the worker count, the order units finish in, or a worker killed and retried.
+(pipeline/write.py's seeded bucket shuffle, fixed rows per file; tests/pipeline_fixtures.py): byte-identical
+for a seed and config, whatever the worker count, the order units finish in, or a worker killed and retried.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 
 from cluster.core import CheckpointError, write_json_atomic
+from train.model import mark_untied_head, save_model, untie_lm_head
 
 MANIFEST = "checkpoint.json"
 TRAIN_STATE = "train_state.pt"
@@ -58,8 +60,6 @@ def write_checkpoint(
     train_state: dict[str, Any],
 ) -> Path:
     """Write a complete checkpoint into `directory` (which must be new or empty). Rank 0 only."""
-    from train.model import save_model
-
     d = _empty_dir(directory)
     save_model(model, d, state_dict=model_state)
     tokenizer.save_pretrained(d)
@@ -101,8 +101,6 @@ def write_sharded_checkpoint(directory: str | Path, model, optimizer, tokenizer,
     dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(d / SHARDS))
     core = model.module if hasattr(model, "module") else model
     if rank == 0:
-        from train.model import mark_untied_head
-
         core.config.save_pretrained(d)
         mark_untied_head(d)
         if getattr(core, "generation_config", None) is not None:
@@ -201,8 +199,6 @@ def consolidate_model(directory: str | Path):
     import torch.distributed.checkpoint as dcp
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    from train.model import untie_lm_head
-
     d = Path(directory)
     manifest = verify_checkpoint(d)
     reader = dcp.FileSystemReader(d / SHARDS)
@@ -239,8 +235,6 @@ def remove_orphaned_checkpoints(root: str | None = None) -> list[str]:
     leaves its copy (9.4 GB for flan-t5-large under DDP) on the node's disk, once per failure. Called as a
     worker starts. Only this host's names (pods sharing a host's /tmp have their own hostnames and pid
     spaces), and only pids that do not exist: a live process's folder (another run's) is never touched."""
-    import re
-
     root = root or tempfile.gettempdir()
     pattern = re.compile(re.escape(f"{CKPT_PREFIX}{socket.gethostname()}-pid") + r"(\d+)-")
     removed = []
@@ -270,9 +264,7 @@ def export_model_dir(checkpoint_dir: str | Path, dest: str | Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     if manifest.get("layout") == "sharded":
-        from train.model import save_model
-
-        save_model(consolidate_model(src), tmp)
+            save_model(consolidate_model(src), tmp)
     for p in src.iterdir():
         if p.is_file() and p.name not in (TRAIN_STATE, MANIFEST) and not (tmp / p.name).exists():
             shutil.copy2(p, tmp / p.name)

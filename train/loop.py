@@ -408,6 +408,8 @@ def log_validation(state: RunState, stopped_early: bool, seconds: float, metrics
 # Local checkpoint folders this process handed to Ray's background upload (Ray deletes each once uploaded).
 _pending_uploads: list[str] = []
 UPLOAD_WAIT_TIMEOUT_S = 3600.0
+
+
 def wait_for_uploads(pending: list[str], max_pending: int = 1, timeout_s: float = UPLOAD_WAIT_TIMEOUT_S) -> float:
     """Backpressure for the background upload. Ray uploads one checkpoint at a time and queues the others,
     each a full local copy (9.4 GB for flan-t5-large under DDP): with storage slower than ckpt_every they
