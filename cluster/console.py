@@ -10,6 +10,9 @@ job: Ray Train workers, the split coordinator that feeds them, Ray Data tasks an
 progress and execution chatter is not printed to the console (workers are not a terminal: on the
 driver it arrived as raw progress-bar escape codes), and Ray Train's per-report "Reporting training
 result ..." lines are silenced. Training's own step lines (our logger) are untouched.
+
+Model loading (`quiet_untied_head_notice`, called by train's and eval's loaders, Ray or not): transformers'
+"will NOT tie them" notice for T5's own LM head is dropped.
 """
 
 from __future__ import annotations
@@ -95,6 +98,25 @@ class DemoteToDebug(logging.Filter):
         if record.levelno == logging.INFO:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
+
+
+class UntiedHeadNotice(logging.Filter):
+    """Drops transformers 5's "... specifies to tie shared.weight to lm_head.weight, but both are present in
+    the checkpoints with different values, so we will NOT tie them", logged at every load of a T5 with its
+    own LM head: flan-t5 and every model this project writes. T5Config forces tie_word_embeddings=true
+    whatever config.json says, so no file can avoid it; not tying is what is meant (tests check the loaded
+    head is untied). Any other tie notice still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("to tie shared.weight to lm_head.weight" in msg and "NOT tie them" in msg)
+
+
+def quiet_untied_head_notice() -> None:
+    """Call before `from_pretrained` of a T5 (once per process is enough; repeated calls add nothing)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, UntiedHeadNotice) for f in logger.filters):
+        logger.addFilter(UntiedHeadNotice())
 
 
 def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:

@@ -13,7 +13,6 @@ Kept free of Ray and torch at import time: the driver-side checks run before Ray
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import uuid
@@ -230,25 +229,6 @@ def check_model_dir(path: str | Path) -> Path:
     if read_json(p / "config.json") is None:
         raise ModelError(f"{p / 'config.json'} is not valid JSON")
     return p
-
-
-class UntiedHeadNotice(logging.Filter):
-    """Drops transformers 5's "... specifies to tie shared.weight to lm_head.weight, but both are present in
-    the checkpoints with different values, so we will NOT tie them", logged at every load of a T5 with its
-    own LM head: flan-t5 and every model this project writes. T5Config forces tie_word_embeddings=true
-    whatever config.json says, so no file can avoid it; not tying is what is meant (tests check the loaded
-    head is untied). Any other tie notice still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not ("to tie shared.weight to lm_head.weight" in msg and "NOT tie them" in msg)
-
-
-def quiet_untied_head_notice() -> None:
-    """Call before `from_pretrained` of a T5 (once per process is enough; repeated calls add nothing)."""
-    logger = logging.getLogger("transformers.modeling_utils")
-    if not any(isinstance(f, UntiedHeadNotice) for f in logger.filters):
-        logger.addFilter(UntiedHeadNotice())
 
 
 def has_tokenizer(path: str | Path) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.console import quiet_untied_head_notice
 from cluster.core import (
     DataError,
     UserError,
@@ -20,7 +21,6 @@ from cluster.core import (
     is_local_spec,
     load_tokenizer,
     open_split,
-    quiet_untied_head_notice,
     read_json,
 )
 

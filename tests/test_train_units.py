@@ -436,7 +436,7 @@ def test_loading_an_untied_t5_does_not_log_the_tie_notice(tmp_path, tok):
 
     from transformers import AutoModelForSeq2SeqLM
 
-    from cluster.core import UntiedHeadNotice
+    from cluster.console import UntiedHeadNotice
     from eval.resolve import load_model
     from train.model import save_model
 

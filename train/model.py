@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cluster.core import ModelError, check_model_dir, is_local_spec, quiet_untied_head_notice
+from cluster.console import quiet_untied_head_notice
+from cluster.core import ModelError, check_model_dir, is_local_spec
 
 # d_model / layers / heads chosen for learning per CPU-minute (measured on a 2-core machine: d_model 128, 2+2 layers
 # at batch 128 runs ~520 samples/s on 2 cores).
