@@ -174,7 +174,7 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     [ $? -eq 5 ] && say "no test is marked gpu"
     step train_bench_eager 150 "$PY" -m bench.train_gpu_bench "${BENCH[@]}" "${SWEEP[@]}" --json-out "$STATE/train_bench.jsonl"
     if [ $DRY -eq 0 ]; then
-        step train_bench_compiled 120 "$PY" -m bench.train_gpu_bench --compile "${BENCH[@]}" --micro-batch 256 \
+        step train_bench_compiled 150 "$PY" -m bench.train_gpu_bench --compile "${BENCH[@]}" --micro-batch 256 \
             --json-out "$STATE/train_bench.jsonl"
     fi
     step speedrun_probe 90 "$PY" -m bench.train_gpu_bench "${BENCH[@]}" "${PROBE[@]}" --lengths char \

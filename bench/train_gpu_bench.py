@@ -11,11 +11,13 @@ its questions to the batch's longest rounded up to --pad-to-multiple-of and its 
 answer rounded up to --label-pad-to-multiple-of, as the training loop's collation does. --bucket sorts
 a pool of --distinct-batches micro batches by question length before cutting them (length bucketing).
 --lengths char uses the char tokenizer's lengths (the speedrun's; its step rate sets the speedrun's step
-count in bench/gpu_check.sh), --lengths-from a pipeline output's. The same few batches are cycled (all seen in the warm-up, so torch.compile has compiled every shape
-before timing starts).
+count in bench/gpu_check.sh), --lengths-from a pipeline output's. The same few batches are cycled, all
+seen in the warm-up (the compilation, if any, happens there: `warmup_s`).
 
-The step is the training loop's: forward with labels under bf16 autocast, backward, clip the gradient
-norm to 1.0, fused AdamW, zero_grad. Dropout 0.1 as flan-t5 finetunes.
+The step is the training loop's: forward with labels (no KV cache) under bf16 autocast, backward, clip the
+gradient norm to 1.0, fused AdamW, zero_grad. Dropout 0.1 as flan-t5 finetunes. --compile compiles as
+`train.compile: true` does (each T5 block, dynamic shapes: train/loop.py compile_blocks), so the number is
+the one training gets.
 
 MFU = model FLOP/s / the card's dense bf16 peak (bench/flops.py has both, with the formula). "useful"
 counts each row at its own lengths (the work an unpadded step needs), "padded" at the batch's padded
@@ -114,13 +116,13 @@ def run_one(model, a: dict, args, micro_batch: int, device) -> dict:
     batches = make_batches(a, micro_batch, args.distinct_batches, args.pad_to_multiple_of,
                            args.label_pad_to_multiple_of, args.bucket, device, args.seed,
                            lengths_from(args.lengths_from) if args.lengths_from else args.lengths)
-    fwd = torch.compile(model, dynamic=False) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_cuda)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
 
     def step(b):
         with amp:
-            loss = fwd(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                         use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distinct-batches", type=int, default=4, help="distinct micro batches cycled")
     ap.add_argument("--precision", choices=["bf16-mixed", "bf16", "fp32"], default="bf16-mixed",
                     help="fp32: CPU smoke tests (no bf16 units there)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic=False)")
+    ap.add_argument("--compile", action="store_true",
+                    help="train.compile: torch.compile each T5 block as training does (train/loop.py compile_blocks)")
     ap.add_argument("--pad-to-multiple-of", type=int, default=8, help="question padding multiple")
     ap.add_argument("--label-pad-to-multiple-of", type=int, default=1, help="answer padding multiple")
     ap.add_argument("--bucket", action="store_true", help="sort rows by question length into batches")
@@ -196,15 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("train_gpu_bench needs a CUDA GPU (or --device cpu for a smoke test)", file=sys.stderr)
         return 2
-    if args.compile:
-        # A few distinct shapes, each compiled once; the default limit (8) would fall back to eager.
-        torch._dynamo.config.recompile_limit = 64
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     model, a = build_model(args.model, device)
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
+    if args.compile:  # once: the graphs (dynamic shapes) serve every micro batch size below
+        from train.loop import compile_blocks
+
+        compile_blocks(model)
     model.train()
     common = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **versions()}
     rc = 0

@@ -127,8 +127,9 @@ class TrainConfig:
     """Inputs are padded to the batch's longest question rounded up to a multiple of this (tensor-core
     friendly, few distinct shapes); labels only to the batch's longest answer."""
     compile: bool = False
-    """torch.compile each T5 block (encoder and decoder) before wrapping: fewer kernel launches on GPU;
-    the first steps are slower while it compiles (and again for each new padded length)."""
+    """torch.compile each T5 block (encoder and decoder) before wrapping: fewer kernel launches on GPU.
+    Dynamic shapes: four graphs compiled in the first step (slower) serve every padded length after it;
+    validation runs eager."""
     in_memory_max_mb: float = 256.0
     """A train split whose token columns take at most this many MB (uncompressed, from the Parquet
     footers) is read once by every worker and reshuffled in memory each epoch (a new epoch costs nothing);

@@ -219,12 +219,20 @@ def fsdp_policy(cfg: TrainConfig):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def compile_blocks(model, backend: str = "inductor") -> None:
+def compile_blocks(model, backend="inductor") -> None:
     """torch.compile each T5 block in place (the blocks are where the kernel launches are; the embedding,
-    head and loss stay eager). Static shapes: each padded length compiles once, and padding to a multiple
-    keeps the lengths few."""
+    head and loss stay eager), with dynamic shapes: four graphs (the first encoder and decoder blocks
+    compute the position bias, the other encoder and decoder blocks share one graph each), compiled in the
+    first step and reused for every padded length bucketing produces.
+
+    Every block of a T5 runs the same Python function, and dynamo compiles at most 8 variants of one
+    function (`recompile_limit`); past that, whatever matches none of them runs eager, after one warning
+    line. Measured on CPU: with static shapes t5-mini reached the limit at its second (question, answer)
+    length pair, and from then on every block meeting a new length ran eager; a forward that fills T5's KV cache guards each decoder block on its own cache slot, and a 12+12-layer
+    T5 reached the limit at its 6th decoder block (so train_step passes use_cache=False). Validation runs
+    eager (`validate`): cached decoding would need a variant per decoded position."""
     for block in [*model.encoder.block, *model.decoder.block]:
-        block.compile(dynamic=False, backend=backend)
+        block.compile(dynamic=True, backend=backend)
 
 
 def shard(model, mp_policy=None) -> None:
@@ -319,7 +327,10 @@ def train_step(model, optimizer, batches, cfg: TrainConfig, device: torch.device
         else:
             sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
         with sync, autocast(cfg, device):
-            loss = model(**batch).loss
+            # use_cache=False: otherwise T5's decoder fills a KV cache that training never reads, and under
+            # train.compile each decoder block's guard on its own cache slot is one more compiled variant
+            # (compile_blocks).
+            loss = model(**batch, use_cache=False).loss
         (loss / cfg.grad_accum).backward()
         iv.loss = iv.loss + loss.detach().float()
         iv.micro, iv.tokens, iv.samples = iv.micro + 1, iv.tokens + tokens, iv.samples + samples
@@ -357,7 +368,8 @@ def validate(model, rows: dict[str, list], tokenizer, cfg: TrainConfig, device: 
     model.eval()
     core = unwrap(model)
     loss_sum = n_tok = correct = total = 0.0
-    with torch.no_grad():
+    # Eager even when train.compile is on: the compiled blocks stay the training step's (compile_blocks).
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         for i in range(0, len(rows["answer"]), cfg.eval_batch_size):
             part = {k: v[i:i + cfg.eval_batch_size] for k, v in rows.items()}
             batch = {k: v.to(device) for k, v in
