@@ -6,8 +6,8 @@
 #                               flan-t5-large training bench (eager micro-batch sweep, compiled), the
 #                               speedrun model's step-rate probe, the length-bucketed bench; then the
 #                               10k-row eval bench. <= 380 s
-#   bash bench/gpu_check.sh 2   the speedrun: `python -m train` (~180 s of steps, the count set from
-#                               part 1's probe) and `python -m eval` on the 10k interpolate rows. <= 420 s
+#   bash bench/gpu_check.sh 2   the speedrun: `python -m train --max-time-s 180` (180 s of training
+#                               steps) and `python -m eval` on the 10k interpolate rows. <= 420 s
 #   bash bench/gpu_check.sh all --dry-run   both, at toy sizes on this CPU machine with the dev venv's
 #                               Ray, the image's missing packages blocked (tests the script, not a GPU)
 #
@@ -17,8 +17,8 @@
 # 1 unpacked and generated (ignored folders stay on a warm machine); if the machine was recycled between
 # the calls it says so and stops. To fit what is left of a session's device time:
 #   GPU_CHECK_DEADLINE=S        end this call's steps by S seconds (default: part 1 380, part 2 420)
-#   GPU_CHECK_TRAIN_SECONDS=S   the speedrun's seconds of steps, turned into steps by the probe (180)
-#   GPU_CHECK_STEPS=N           the speedrun's steps outright (when the probe did not run this time)
+#   GPU_CHECK_TRAIN_SECONDS=S   the speedrun's seconds of training steps (train.max_time_s; 180)
+#   GPU_CHECK_STEPS=N           the speedrun trains N steps instead of a time
 #   GPU_CHECK_SKIP="name ..."   steps left out (e.g. benches already measured by an earlier call)
 # Every step has its own time limit, so one hang cannot eat the budget; a failed step is recorded and the
 # others still run. Numbers, with card, date and versions, go to $OUT/RESULTS.md (bench/RESULTS.md + this run's sections); logs and raw JSON beside it.
@@ -152,7 +152,7 @@ if [ $DRY -eq 1 ]; then
     MODEL=t5-tiny; SWEEP=(--micro-batch 4 8); PROBE=(--model "$MODEL" --micro-batch 16)
     EVALB=(--rows 200 --variants "--num-actors 1 --cpus-per-actor 1 --torch-threads 2 --no-dashboard")
     TRAIN_X=(--no-use-gpu --model "$MODEL" --precision fp32 --global-batch-size 32 --warmup-steps 5
-             --eval-every 10 --ckpt-every 10 --eval-samples 60 --eval-batch-size 60 --log-every 10)
+             --eval-every 50 --ckpt-every 50 --eval-samples 60 --eval-batch-size 60 --log-every 10)
     EVAL_X=(--gpus-per-actor 0 --max-rows 200 --batch-size 100)
     T_PIPE=600; T_TRAIN=600; T_EVAL=300
 else
@@ -198,17 +198,16 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
         say "no speedrun data in $SPEED/data (part 1 not run on this machine, or its pipeline failed): run part 1"
         exit 2
     fi
-    # Steps from part 1's measured step rate and the seconds this call can give (set at call time).
-    STEPS=${GPU_CHECK_STEPS:-}
-    if [ -z "$STEPS" ] && [ $DRY -eq 1 ]; then STEPS=30; fi
-    if [ -z "$STEPS" ] && [ -s "$STATE/probe.jsonl" ]; then
-        STEPS=$("$PY" -m bench.gpu_report steps "$STATE/probe.jsonl" --seconds "${GPU_CHECK_TRAIN_SECONDS:-180}" \
-            --overhead 0.6 --batch "$BATCH")
+    # A fixed time of training steps (train.max_time_s: the run ends where it is spent, the LR decay with
+    # it), what this call can give; or GPU_CHECK_STEPS steps.
+    if [ -n "${GPU_CHECK_STEPS:-}" ]; then
+        LENGTH=(--max-steps "$GPU_CHECK_STEPS" --max-time-s none)
+    else
+        LENGTH=(--max-time-s "${GPU_CHECK_TRAIN_SECONDS:-$([ $DRY -eq 1 ] && echo 20 || echo 180)}")
     fi
-    STEPS=${STEPS:-$(cfg train max_steps)}
-    say "speedrun max_steps: $STEPS"
+    say "speedrun length: ${LENGTH[*]}"
     rm -rf "$SPEED/train" "$SPEED/eval"
-    step speedrun_train "$T_TRAIN" "$PY" -m train --config configs/speedrun.yaml --max-steps "$STEPS" "${TRAIN_X[@]}"
+    step speedrun_train "$T_TRAIN" "$PY" -m train --config configs/speedrun.yaml "${LENGTH[@]}" "${TRAIN_X[@]}"
     step speedrun_eval "$T_EVAL" "$PY" -m eval --config configs/speedrun.yaml "${EVAL_X[@]}"
     "$PY" -m bench.gpu_report speedrun "$RES" "$SPEED/data" "$SPEED/train" "$SPEED/eval" >/dev/null
 fi

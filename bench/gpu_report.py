@@ -3,7 +3,6 @@
     python -m bench.gpu_report train  RESULTS.md runs.jsonl [--title ...]   # bench.train_gpu_bench lines
     python -m bench.gpu_report eval   RESULTS.md eval_bench.json            # bench.eval_bench --json
     python -m bench.gpu_report speedrun RESULTS.md DATA TRAIN_OUT EVAL_OUT  # manifest, summary, metrics
-    python -m bench.gpu_report steps  probe.jsonl --seconds 270 --batch 512  # speedrun max_steps (stdout)
 
 Every section it appends names the card, the date and the versions; a missing input file becomes a line
 saying so (a step that timed out leaves none), never a crash that would lose the other numbers.
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 from datetime import datetime, timezone
@@ -99,8 +97,9 @@ def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
         out.append("- pipeline: no manifest (failed or timed out)")
     if (t := read_json(train_out / "summary.json")) is not None:
         best = t.get("best") or {}
+        budget = f"; ended by its time budget, {t['max_time_s']:g} s" if t.get("stopped_by_time") else ""
         out.append(f"- train: {t['model']}, {t['steps']} steps of {t['global_batch_size']}, {t['samples']:,} samples "
-                   f"in {t['train_time_s']} s of training ({t['samples_per_s']:,.0f} samples/s), "
+                   f"in {t['train_time_s']} s of training ({t['samples_per_s']:,.0f} samples/s{budget}), "
                    f"{t['wall_time_s']} s wall; best validation exact match "
                    f"{_pct(best.get('val_exact_match'))} at step {best.get('step')}")
     else:
@@ -111,16 +110,6 @@ def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
     else:
         out.append("- eval: no metrics.json (failed or timed out)")
     return "\n".join(out + [""])
-
-
-def speedrun_steps(rows: list[dict], seconds: float, batch: int, overhead: float, lo: int, hi: int) -> int:
-    """Optimizer steps that fill `seconds` of training at the probed step rate discounted by `overhead`
-    (the loop's data loading and validation on top of the bare step), clamped to [lo, hi]."""
-    ok = [r for r in rows if "samples_per_s" in r]
-    if not ok:
-        return lo
-    rate = ok[-1]["samples_per_s"] * overhead
-    return max(lo, min(hi, int(math.floor(seconds * rate / batch / 100)) * 100))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,17 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("data")
     s.add_argument("train_out")
     s.add_argument("eval_out")
-    st = sub.add_parser("steps")
-    st.add_argument("jsonl")
-    st.add_argument("--seconds", type=float, default=270)
-    st.add_argument("--batch", type=int, required=True)
-    st.add_argument("--overhead", type=float, default=0.6)
-    st.add_argument("--min", type=int, default=1000)
-    st.add_argument("--max", type=int, default=20000)
     a = p.parse_args(argv)
-    if a.what == "steps":
-        print(speedrun_steps(_read_jsonl(Path(a.jsonl)), a.seconds, a.batch, a.overhead, a.min, a.max))
-        return 0
     if a.what == "train":
         text = train_section(_read_jsonl(Path(a.jsonl)), a.title)
     elif a.what == "eval":

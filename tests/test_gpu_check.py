@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from bench.gpu_report import main as report
-from bench.gpu_report import speedrun_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,18 +33,10 @@ def test_speedrun_config_loads_and_is_the_whole_module():
     assert 3 * p.train_rows_per_regime == 1_999_998 and p.test_rows == 10_000
     assert t.model in TINY_CONFIGS and t.use_gpu and t.num_workers == 1 and t.data == p.output
     assert t.micro_batch == t.global_batch_size and t.grad_accum == 1
-    assert t.ckpt_every % t.eval_every == 0 and t.warmup_steps < 1000  # any probed max_steps >= 1000 works
+    # a fixed time, not a step count: the LR decay ends where the budget does (train.max_time_s)
+    assert t.max_time_s == 300 and t.max_steps >= 50_000 and t.ckpt_every % t.eval_every == 0
     assert e.data == p.output and e.model == t.output and e.split == "test" and e.gpus_per_actor == 1
     assert raw["ray"]["dashboard"] is False  # the GPU image lacks the dashboard's packages
-
-
-def test_speedrun_steps_from_the_probed_rate():
-    probe = [{"samples_per_s": 20_000.0}]
-    # 240 s x 20k rows/s x 0.7 / 512 rows per step = 6562.5 -> rounded down to a multiple of 100
-    assert speedrun_steps(probe, 240, 512, 0.7, 1000, 20000) == 6500
-    assert speedrun_steps(probe, 240, 512, 0.7, 1000, 5000) == 5000          # clamped above
-    assert speedrun_steps([{"samples_per_s": 100.0}], 240, 512, 0.7, 1000, 20000) == 1000  # and below
-    assert speedrun_steps([{"error": "out of memory"}], 240, 512, 0.7, 1000, 20000) == 1000
 
 
 def test_report_sections(tmp_path):
@@ -70,8 +61,16 @@ def test_report_sections(tmp_path):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "metrics.json").write_text(json.dumps({"exact_match": 0.9612, "f1": 0.97, "rows_scored": 10000,
                                                              "wall_s": 12.5}))
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "summary.json").write_text(json.dumps({
+        "model": "t5-small-scratch", "steps": 1800, "global_batch_size": 512, "samples": 921600,
+        "train_time_s": 179.9, "samples_per_s": 5122.8, "wall_time_s": 231.0, "max_time_s": 180.0,
+        "stopped_by_time": True, "best": {"step": 1800, "val_exact_match": 0.95}}))
     report(["speedrun", str(res), str(tmp_path / "d"), str(tmp_path / "t"), str(tmp_path / "e")])
-    assert "**exact match 96.1%** on 10000 interpolate rows" in res.read_text()
+    text = res.read_text()
+    assert "**exact match 96.1%** on 10000 interpolate rows" in text
+    assert ("- train: t5-small-scratch, 1800 steps of 512, 921,600 samples in 179.9 s of training (5,123 samples/s; "
+            "ended by its time budget, 180 s), 231.0 s wall; best validation exact match 95.0% at step 1800") in text
 
 
 def test_gpu_check_script_parses():

@@ -142,6 +142,29 @@ def test_early_stopping_and_fsdp_on_two_cpu_workers(ray_local, data, tmp_path, m
 
 
 @pytest.mark.slow
+def test_time_budget_stops_both_workers_at_one_step_with_the_lr_decayed(ray_local, data, tmp_path):
+    """train.max_time_s (the speedrun's fixed budget): the run ends once 4 s of training steps are spent,
+    long before max_steps, both workers at the same step (under DDP a disagreement would hang); the LR
+    decay ends at the budget, not at max_steps; the end validates, checkpoints and exports as usual."""
+    cfg = small_cfg(data, tmp_path, max_steps=100_000, max_time_s=4.0, log_every=4, eval_every=100_000,
+                    ckpt_every=100_000)
+    summary = run(cfg)
+    steps = summary["steps"]
+    assert summary["stopped_by_time"] and summary["max_time_s"] == 4.0 and 8 <= steps < 100_000, summary
+    # Spent to within a step (the stop comes when less than one step's time is left), over by at most
+    # about one log interval's misestimate.
+    assert 3.5 <= summary["train_time_s"] <= 7.0, summary
+    metrics = read_metrics(tmp_path)
+    budget = [m for m in metrics if m.get("event") == "time_budget"]
+    assert len(budget) == 1 and budget[0]["step"] == steps
+    assert budget[0]["train_time_s"] == pytest.approx(summary["train_time_s"], abs=0.01)
+    lrs = [m["lr"] for m in metrics if "lr" in m]
+    assert lrs[-1] < 0.5 * cfg.lr  # decayed towards lr * min_lr_ratio at the budget's end (max_steps: ~lr)
+    assert summary["final"]["step"] == steps and summary["final"]["val_samples"] == 16
+    assert_outputs_load(tmp_path, cfg, steps)
+
+
+@pytest.mark.slow
 def test_worker_sigkill_resumes_on_the_same_curve(fault_free, data, tmp_path):
     ref_cfg, _, ref_out = fault_free
     out = tmp_path / "killed"

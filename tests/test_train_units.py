@@ -82,6 +82,23 @@ def test_lr_warmup_then_linear_decay():
     assert lr_at(110, cfg, 110) == pytest.approx(0.1)
 
 
+def test_time_budget_end_from_rank0s_last_interval():
+    """train.max_time_s: the end step is where the budget runs out at the last interval's step rate,
+    capped by max_steps, never before the current step; no estimate before a whole step was timed."""
+    from train.loop import Interval, RunState, time_budget_end
+
+    cfg = TrainConfig(data="d", global_batch_size=8, num_workers=1, micro_batch_size=4, max_time_s=60.0)
+    cpu = torch.device("cpu")
+    iv = Interval(micro=20, train_time=2.0)  # 10 steps (2 micro batches each) at 0.2 s per step
+    assert time_budget_end(iv, RunState(step=100, train_time_s=20.0), cfg, 10_000, cpu, 0) == 100 + 200
+    assert time_budget_end(iv, RunState(step=100, train_time_s=20.0), cfg, 250, cpu, 0) == 250
+    assert time_budget_end(iv, RunState(step=100, train_time_s=59.9), cfg, 10_000, cpu, 0) == 100  # spent
+    assert time_budget_end(iv, RunState(step=100, train_time_s=75.0), cfg, 10_000, cpu, 0) == 100  # overspent
+    assert time_budget_end(Interval(micro=1), RunState(step=3, end_step=40), cfg, 10_000, cpu, 0) == 40
+    with pytest.raises(ConfigError, match="max_time_s"):
+        TrainConfig(data="d", max_time_s=0)
+
+
 def test_batch_derivation():
     cfg = TrainConfig(data="d", global_batch_size=128, num_workers=2, micro_batch_size=16)
     assert (cfg.per_worker_batch, cfg.micro_batch, cfg.grad_accum) == (64, 16, 4)

@@ -57,6 +57,12 @@ class TrainConfig:
     """Optimizer steps to train. Exactly one of max_steps / epochs."""
     epochs: float | None = None
     """Passes over the train split (converted to steps from the split's row count)."""
+    max_time_s: float | None = None
+    """A time budget (Lightning's `max_time`): end the run once this many seconds of training steps are
+    spent (data waits included; start-up, validation and checkpoints not), even before max_steps / epochs,
+    which then only cap it. At every log interval the step where the budget runs out is estimated anew
+    from rank 0's last interval (so every worker stops at the same step), and the LR decay ends there. A
+    resumed run counts the time already trained. The step count then depends on the machine's speed."""
     seed: int = 0
     """Model init, data order (with the same worker count) and dropout (seed + rank on each worker, set
     after the model is built, so every rank starts from the same weights but draws its own dropout masks).
@@ -193,6 +199,8 @@ class TrainConfig:
             )
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.max_time_s is not None and self.max_time_s <= 0:
+            raise ConfigError(f"train.max_time_s must be > 0 seconds, got {self.max_time_s}")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:

@@ -105,6 +105,7 @@ class RunState:
     last_val: dict[str, float] = dataclasses.field(default_factory=dict)
     best_score: float | None = None  # early stopping: the best validation score so far ...
     since_best: int = 0  # ... and the validations since it
+    end_step: int | None = None  # train.max_time_s: the step where the budget runs out (last estimate)
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> RunState:
@@ -404,6 +405,19 @@ def early_stopping_update(state: RunState, cfg: TrainConfig) -> tuple[bool, bool
     return improved, stop
 
 
+def time_budget_end(iv: Interval, state: RunState, cfg: TrainConfig, max_steps: int, device: torch.device,
+                    rank: int) -> int:
+    """train.max_time_s: the step at which the budget runs out, from rank 0's training seconds so far and
+    its last interval's seconds per step (rank 0's numbers, all-reduced with zeros: every rank gets the same
+    step, so they stop together). Called after `log_interval` added the interval to state.train_time_s."""
+    steps = iv.micro / cfg.grad_accum
+    used, interval_s, steps = all_sum([state.train_time_s, iv.train_time, steps] if rank == 0 else [0.0] * 3, device)
+    if steps < 1 or interval_s <= 0:
+        return state.end_step or max_steps
+    left_steps = int((cfg.max_time_s - used) / (interval_s / steps))
+    return max(state.step, min(max_steps, state.step + left_steps))
+
+
 def log_validation(state: RunState, stopped_early: bool, seconds: float, metrics_path: Path, tracker) -> None:
     val = state.last_val
     log.info("[train] validation step %d: loss %.4f exact match %.4f (%d rows, %.1fs)",
@@ -558,17 +572,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     iv = Interval()
     stopped_early = False
-    while state.step < max_steps and not stopped_early:
-        lr = lr_at(state.step, cfg, max_steps)
+    # The last step: max_steps, or sooner where train.max_time_s runs out (re-estimated every log interval).
+    end = min(state.end_step or max_steps, max_steps) if cfg.max_time_s is not None else max_steps
+    while state.step < end and not stopped_early:
+        lr = lr_at(state.step, cfg, end)
         for g in optimizer.param_groups:
             g["lr"] = lr
         train_step(model, optimizer, batches, cfg, device, world, iv)
         state.step += 1
         state.samples += cfg.global_batch_size  # exact: drop_last keeps every micro batch full
-        at_end = state.step == max_steps
-        if state.step % cfg.log_every == 0 or state.step % cfg.ckpt_every == 0 or at_end:
-            log_interval(iv, state, lr, batches.epoch, max_steps, cfg, device, rank, metrics_path, tracker)
+        if state.step % cfg.log_every == 0 or state.step % cfg.ckpt_every == 0 or state.step >= end:
+            log_interval(iv, state, lr, batches.epoch, end, cfg, device, rank, metrics_path, tracker)
+            if cfg.max_time_s is not None:
+                end = state.end_step = time_budget_end(iv, state, cfg, max_steps, device, rank)
             iv = Interval()
+        at_end = state.step >= end
 
         improved = False
         if val_rows and (state.step % cfg.eval_every == 0 or at_end):
@@ -579,7 +597,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log_validation(state, stopped_early, time.perf_counter() - t_eval, metrics_path, tracker)
             iv.t0 += time.perf_counter() - t_eval  # validation time is not training throughput
             if stopped_early and iv.micro:  # the steps since the last log line count in the totals
-                log_interval(iv, state, lr, batches.epoch, max_steps, cfg, device, rank, metrics_path, tracker)
+                log_interval(iv, state, lr, batches.epoch, end, cfg, device, rank, metrics_path, tracker)
                 iv = Interval()
 
         keep_best = improved and cfg.early_stopping_patience is not None  # the best model must be kept
@@ -587,8 +605,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t_ck = time.perf_counter()
             state.epoch, state.batch_in_epoch = batches.epoch, batches.position
             save_checkpoint(model, optimizer, tokenizer, cfg, state, order, rank, metrics_path,
-                            {"stopped_early": stopped_early})
+                            {"stopped_early": stopped_early, "stopped_by_time": at_end and end < max_steps})
             iv.t0 += time.perf_counter() - t_ck
+    if rank == 0 and end < max_steps and state.step >= end:
+        log.info("[train] time budget spent (train.max_time_s %gs): stopped at step %d of max_steps %d",
+                 cfg.max_time_s, state.step, max_steps)
+        append_jsonl(metrics_path, {"event": "time_budget", "step": state.step, "max_time_s": cfg.max_time_s,
+                                    "train_time_s": round(state.train_time_s, 3)})
     tracker.close()
     if rank == 0 and not math.isfinite(float(state.last_val.get("val_loss", 0.0))):
         log.warning("[train] validation loss is not finite: check lr / precision")

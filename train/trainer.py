@@ -191,6 +191,8 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
         "best": {k: best_metrics.get(k) for k in ("step", "val_loss", "val_exact_match", "val_samples")},
         "best_checkpoint": best_ckpt.path,
         "stopped_early": bool(final_metrics.get("stopped_early", False)),
+        "max_time_s": cfg.max_time_s,
+        "stopped_by_time": bool(final_metrics.get("stopped_by_time", False)),
         "early_stopping_patience": cfg.early_stopping_patience,
         "data_loading": "memory" if in_memory else "stream",
         "tensorboard_dir": str(out / TENSORBOARD_DIR),
