@@ -41,8 +41,10 @@ def init_ray(cfg: RayConfig | None = None, **runtime_env_vars: str) -> None:
     # and is only read by huggingface_hub where it is needed).
     env_vars = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
                 **console.WORKER_ENV, **runtime_env_vars}
-    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "cluster.console.setup_worker"}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if not cfg.dashboard and not (address and address != "local"):  # the Ray started here has no state API
+        env_vars[console.NO_STATE_API_ENV] = "1"
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "cluster.console.setup_worker"}
     # Ray's own INFO lines (start-up banner) go to its log files; we print one line saying where.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address and address != "local":  # "local" = start one here, sized as below

@@ -9,7 +9,8 @@ Workers (`setup_worker`, Ray's `worker_process_setup_hook`, so it runs in every 
 job: Ray Train workers, the split coordinator that feeds them, Ray Data tasks and actors): Ray Data's
 progress and execution chatter is not printed to the console (workers are not a terminal: on the
 driver it arrived as raw progress-bar escape codes), and Ray Train's per-report "Reporting training
-result ..." lines are silenced. Training's own step lines (our logger) are untouched.
+result ..." lines are silenced; on a local Ray started without its dashboard, so is the placement-group
+cleaner's "Failed to query ..." warning, once a second. Training's own step lines (our logger) are untouched.
 
 Model loading (`quiet_untied_head_notice`, called by train's and eval's loaders, Ray or not): transformers'
 "will NOT tie them" notice for T5's own LM head is dropped.
@@ -35,6 +36,10 @@ _NOTICES = ("Progress bars for operators disabled", "Progress bars disabled", "[
 _TRAIN_REPORT_LOGGER = os.path.join("train", "v2", "_internal", "execution", "context.py")
 # "Checkpoint successfully created at: ..." at every checkpoint (our loop prints its own shorter line).
 _TRAIN_CHECKPOINT_LOGGER = "ray.train.v2._internal.execution.storage"
+# Ray Train's placement-group cleaner asks the state API (served by the dashboard) every second whether the
+# controller still lives, and without a dashboard warns each time it cannot ask.
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+NO_STATE_API_ENV = "MATHTUNE_RAY_WITHOUT_DASHBOARD"  # set in the job's workers by init_ray (dashboard: false)
 
 
 progress_unit = "rows"  # what Ray Data's row count counts in the running job (see counting())
@@ -100,6 +105,17 @@ class DemoteToDebug(logging.Filter):
         return True
 
 
+class NoStateApiNotice(logging.Filter):
+    """Drops Ray Train's "Failed to query Ray Train Controller actor state. State API may be temporarily
+    unavailable", which its placement-group cleaner logs every second of a run on a Ray started without
+    its dashboard (`ray.dashboard: false`, or --no-dashboard): there the state API is not unavailable for
+    a while but absent by choice (the cleaner then cannot remove a dead controller's placement group,
+    which matters only if the controller dies while the cluster lives on). Installed only then."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to query Ray Train Controller actor state")
+
+
 class UntiedHeadNotice(logging.Filter):
     """Drops transformers 5's "... specifies to tie shared.weight to lm_head.weight, but both are present in
     the checkpoints with different values, so we will NOT tie them", logged at every load of a T5 with its
@@ -148,14 +164,22 @@ def setup_driver() -> None:
         h.setFormatter(logging.Formatter("%(message)s"))
 
 
-def setup_worker() -> None:
-    """Ray's worker_process_setup_hook (runtime_env): runs once in every worker process of the job."""
+def quiet_ray_train() -> None:
+    """In a worker: Ray Train's per-report lines off, its checkpoint lines to DEBUG, and without a dashboard
+    the cleaner's warning dropped (see the filters)."""
     import ray
 
     logging.getLogger(os.path.join(os.path.dirname(ray.__file__), _TRAIN_REPORT_LOGGER)).setLevel(logging.WARNING)
-    ckpt_logger = logging.getLogger(_TRAIN_CHECKPOINT_LOGGER)
-    if not any(isinstance(f, DemoteToDebug) for f in ckpt_logger.filters):
-        ckpt_logger.addFilter(DemoteToDebug())
+    for name, cls in ((_TRAIN_CHECKPOINT_LOGGER, DemoteToDebug),
+                      *([(_PG_CLEANER_LOGGER, NoStateApiNotice)] if os.environ.get(NO_STATE_API_ENV) else [])):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
+
+
+def setup_worker() -> None:
+    """Ray's worker_process_setup_hook (runtime_env): runs once in every worker process of the job."""
+    quiet_ray_train()
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"  # for a DataContext created in this worker later
     try:
         import ray.data

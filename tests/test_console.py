@@ -4,6 +4,7 @@ print, and which Ray Train lines are demoted. Pure logging, no Ray started."""
 from __future__ import annotations
 
 import logging
+import os
 
 from cluster.console import DemoteToDebug, DriverDataFilter, WorkerDataFilter
 
@@ -54,3 +55,27 @@ def test_workers_print_no_data_progress_and_train_checkpoint_lines_become_debug(
     assert DemoteToDebug().filter(r) and r.levelno == logging.DEBUG  # kept for DEBUG log files, not the console
     w = _record("ray.train.v2._internal.execution.storage", "disk full", logging.WARNING)
     assert DemoteToDebug().filter(w) and w.levelno == logging.WARNING
+
+
+def test_without_a_dashboard_the_cleaners_every_second_warning_is_dropped_and_only_then(monkeypatch):
+    """Ray Train's placement-group cleaner warns once a second on a local Ray without its dashboard
+    (the speedrun's): init_ray marks such workers, whose setup hook then drops that line, and only it."""
+    import ray
+
+    from cluster import console
+
+    cleaner = logging.getLogger(console._PG_CLEANER_LOGGER)
+    for name in (console._PG_CLEANER_LOGGER, console._TRAIN_CHECKPOINT_LOGGER):  # restored after the test
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    report = logging.getLogger(os.path.join(os.path.dirname(ray.__file__), console._TRAIN_REPORT_LOGGER))
+    monkeypatch.setattr(report, "level", report.level)
+    line = "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. Continuing to monitor."
+    monkeypatch.delenv(console.NO_STATE_API_ENV, raising=False)
+    console.quiet_ray_train()  # what setup_worker, Ray's hook in every worker, does first
+    assert cleaner.filter(_record(cleaner.name, line, logging.WARNING))  # with a dashboard: a real problem, shown
+    monkeypatch.setenv(console.NO_STATE_API_ENV, "1")
+    console.quiet_ray_train()
+    console.quiet_ray_train()  # a second call adds nothing
+    assert sum(isinstance(f, console.NoStateApiNotice) for f in cleaner.filters) == 1
+    assert not cleaner.filter(_record(cleaner.name, line, logging.WARNING))
+    assert cleaner.filter(_record(cleaner.name, "Failed to clean up placement group pg_1", logging.WARNING))
