@@ -418,13 +418,25 @@ def test_train_data_with_missing_mistyped_or_corrupt_columns_is_refused_before_r
     assert open_split(str(tmp_path), "train", ["input_ids", "labels"]).count_rows() == 3
 
 
-def test_compiled_training_runs_every_block_compiled_at_every_length_and_matches_eager(tok):
-    """train.compile under bucketing's many padded lengths, with more decoder blocks than dynamo's 8
-    variants per function: the blocks compile in the first step (dynamic shapes), then every block of
-    every step runs its compiled graph, whatever the (question, answer) lengths; the parameters after the
-    steps are eager's; validation runs eager and compiles nothing. (Static shapes, or a training forward
-    filling T5's KV cache, used up the 8 variants within a few lengths or decoder blocks, after which the
-    rest ran eager: compile_blocks.)"""
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A one-process gloo group, as a Ray Train worker has (DDP needs one)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_compiled_training_runs_every_block_compiled_at_every_length_and_matches_eager(tok, gloo_group):
+    """train.compile under DDP (the default strategy) and bucketing's many padded lengths, with more
+    decoder blocks than dynamo's 8 variants per function: the blocks compile in the first step (dynamic
+    shapes), then every block of every step runs its compiled graph, whatever the (question, answer)
+    lengths; the parameters after the steps are eager's; validation runs eager and compiles nothing.
+    (Static shapes, or a training forward filling T5's KV cache, used up the 8 variants within a few
+    lengths or decoder blocks, after which the rest ran eager; dynamo's DDP optimizer failed on the
+    dynamic shapes at the first step: compile_blocks.)"""
+    from torch.nn.parallel import DistributedDataParallel
     from transformers import T5Config, T5ForConditionalGeneration
 
     from train.loop import Interval, compile_blocks, train_step, validate
@@ -438,6 +450,7 @@ def test_compiled_training_runs_every_block_compiled_at_every_length_and_matches
             made["calls"] += 1
             return gm.forward(*args)
         return run
+
     arch = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=2,
                     num_decoder_layers=10, feed_forward_proj="gated-gelu", dropout_rate=0.0,
                     tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -447,43 +460,50 @@ def test_compiled_training_runs_every_block_compiled_at_every_length_and_matches
     compiled = T5ForConditionalGeneration(arch)
     compiled.load_state_dict(eager.state_dict())
     compile_blocks(compiled, backend=counting)
+    # Dynamo's DDP optimizer fails on dynamic-shape graphs once AOT autograd traces them (aot_eager and
+    # inductor: the inductor test below runs under DDP); this backend does not trace, so it is checked off.
+    assert torch._dynamo.config.optimize_ddp is False
+    ddp = DistributedDataParallel(compiled)  # as ray.train.torch.prepare_model wraps it in a worker
     n_blocks = 2 + 10
 
     cfg = TrainConfig(data="d", model="t5-tiny", precision="fp32", num_workers=1, global_batch_size=2, lr=1e-2)
     qs = [("Solve 2*x = 4 for x.", "2"), ("Solve 31*y - 5 = 88 + 2*y for y.", "-31"),
-          ("Solve -1231*k + 1227*k + 24 = 4 - 3*k + 3812 for k.", "-3792"), ("Let 3 = h. Solve h = 3.", "3"), ("Solve 0 = 5*b + 10 for b.", "-2")]
+          ("Solve -1231*k + 1227*k + 24 = 4 - 3*k + 3812 for k.", "-3792"), ("Let 3 = h. Solve h = 3.", "3"),
+          ("Solve 0 = 5*b + 10 for b.", "-2")]
     rows = [{"input_ids": [tok(q)["input_ids"] for q, _ in pair], "labels": [tok(a)["input_ids"] for _, a in pair]}
             for pair in ((qs[0], qs[1]), (qs[2], qs[3]), (qs[0], qs[3]), (qs[4], qs[0]))]
     batches = [collate_seq2seq(r, tok.pad_token_id, 8) for r in rows]
     assert len({(b["input_ids"].shape[1], b["labels"].shape[1]) for b in batches}) == 4  # four distinct shapes
     cpu = torch.device("cpu")
     losses, graphs = {}, []
-    for model in (eager, compiled):
+    for model in (eager, ddp):
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         it = iter(batches)
         for step in range(len(batches)):
             iv = Interval()
             train_step(model, opt, it, cfg, cpu, 1, iv)
             losses.setdefault(id(model), []).append(float(iv.loss))
-            if model is compiled:
+            if model is ddp:
                 graphs.append(made["graphs"])
                 assert made["calls"] == n_blocks * (step + 1), f"step {step}: a block ran eager"
     assert graphs == [graphs[0]] * len(batches) and graphs[0] <= 4  # compiled in the first step, never again
-    assert losses[id(compiled)] == pytest.approx(losses[id(eager)], rel=1e-4)
+    assert losses[id(ddp)] == pytest.approx(losses[id(eager)], rel=1e-4)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), name
 
     before = dict(made)
-    val = validate(compiled, {"input_ids": [tok(q)["input_ids"] for q, _ in qs],
-                              "labels": [tok(a)["input_ids"] for _, a in qs], "answer": [a for _, a in qs]},
-                   tok, cfg, cpu, max_new_tokens=6)
-    assert made == before and val["val_samples"] == 5 and compiled.training
+    val = validate(ddp, {"input_ids": [tok(q)["input_ids"] for q, _ in qs], "labels": [tok(a)["input_ids"] for _, a in qs],
+                         "answer": [a for _, a in qs]}, tok, cfg, cpu, max_new_tokens=6)
+    assert made == before and val["val_samples"] == 5 and ddp.training
 
 
 @pytest.mark.skipif(not os.environ.get("MATHTUNE_TEST_INDUCTOR"),
                     reason="inductor's C++ code generation takes ~3-5 min on 2 cores; MATHTUNE_TEST_INDUCTOR=1 runs it")
-def test_compiled_blocks_give_the_eager_loss_and_gradients_with_inductor(tok):
-    """train.compile with the default backend: inductor's kernels (CPU here) compute what eager does."""
+def test_compiled_blocks_give_the_eager_loss_and_gradients_with_inductor(tok, gloo_group):
+    """train.compile with the default backend, under DDP as in a Ray Train worker: inductor's kernels (CPU
+    here) compute what eager does, at two padded lengths."""
+    from torch.nn.parallel import DistributedDataParallel
+
     from train.loop import compile_blocks
 
     torch.manual_seed(0)
@@ -491,16 +511,19 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients_with_inductor(tok):
     compiled = build_model("t5-tiny", len(tok))
     compiled.load_state_dict(eager.state_dict())
     compile_blocks(compiled)  # inductor
-    b = collate_seq2seq({"input_ids": [tok("Solve 2*x = 4 for x.")["input_ids"], tok("Solve 3*y = 9 for y.")["input_ids"]],
-                         "labels": [tok("2")["input_ids"], tok("3")["input_ids"]]})
-    losses = []
-    for m in (eager, compiled):
-        loss = m(**b).loss
-        loss.backward()
-        losses.append(loss.item())
-    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
-    g0, g1 = eager.encoder.block[0].layer[0].SelfAttention.q.weight.grad, compiled.encoder.block[0].layer[0].SelfAttention.q.weight.grad
-    assert torch.allclose(g0, g1, rtol=1e-3, atol=1e-6)
+    ddp = DistributedDataParallel(compiled)
+    for q, a in (("Solve 2*x = 4 for x.", "2"), ("Solve -1231*k + 1227*k + 24 = 4 - 3*k + 3812 for k.", "-3792")):
+        b = collate_seq2seq({"input_ids": [tok(q)["input_ids"], tok("Solve 3*y = 9 for y.")["input_ids"]],
+                             "labels": [tok(a)["input_ids"], tok("3")["input_ids"]]})
+        losses = []
+        for m in (eager, ddp):
+            m.zero_grad()
+            loss = m(**b, use_cache=False).loss
+            loss.backward()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+        g0, g1 = (m.encoder.block[0].layer[0].SelfAttention.q.weight.grad for m in (eager, compiled))
+        assert torch.allclose(g0, g1, rtol=1e-3, atol=1e-6)
 
 
 def test_loading_an_untied_t5_does_not_log_the_tie_notice(tmp_path, tok):

@@ -231,7 +231,13 @@ def compile_blocks(model, backend="inductor") -> None:
     line. Measured on CPU: with static shapes t5-mini reached the limit at its second (question, answer)
     length pair, and from then on every block meeting a new length ran eager; a forward that fills T5's KV cache guards each decoder block on its own cache slot, and a 12+12-layer
     T5 reached the limit at its 6th decoder block (so train_step passes use_cache=False). Validation runs
-    eager (`validate`): cached decoding would need a variant per decoded position."""
+    eager (`validate`): cached decoding would need a variant per decoded position.
+
+    Under DDP, dynamo's DDP optimizer (which splits a compiled graph at DDP's bucket boundaries) fails on
+    these dynamic-shape graphs ("'int' object has no attribute 'meta'" at the first step, measured with
+    torch 2.13 in Ray workers and in one process), so it is off: the block graphs are boundaries enough,
+    each block's backward hands DDP its gradients for all-reduce while the next block's runs."""
+    torch._dynamo.config.optimize_ddp = False
     for block in [*model.encoder.block, *model.decoder.block]:
         block.compile(dynamic=True, backend=backend)
 
