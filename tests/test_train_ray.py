@@ -151,9 +151,9 @@ def test_time_budget_stops_both_workers_at_one_step_with_the_lr_decayed(ray_loca
     summary = run(cfg)
     steps = summary["steps"]
     assert summary["stopped_by_time"] and summary["max_time_s"] == 4.0 and 8 <= steps < 100_000, summary
-    # Spent to within a step (the stop comes when less than one step's time is left), over by at most
-    # about one log interval's misestimate.
-    assert 3.5 <= summary["train_time_s"] <= 7.0, summary
+    # Spent to within a step (the stop comes when less than one step's time is left: ~0.1 s here, room
+    # for slow steps on a loaded box), over by at most about one log interval's misestimate.
+    assert 3.0 <= summary["train_time_s"] <= 7.0, summary
     metrics = read_metrics(tmp_path)
     budget = [m for m in metrics if m.get("event") == "time_budget"]
     assert len(budget) == 1 and budget[0]["step"] == steps
