@@ -183,7 +183,7 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
         "${SWEEP[@]: -1}" --json-out "$STATE/train_bench.jsonl"
     "$PY" -m bench.gpu_report train "$RES" "$STATE/train_bench.jsonl" >/dev/null
     "$PY" -m bench.gpu_report train "$RES" "$STATE/probe.jsonl" \
-        --title "Speedrun model's bare step rate ($MODEL, char lengths), sets the speedrun's max_steps" >/dev/null
+        --title "Speedrun model's bare step rate ($MODEL, char lengths)" >/dev/null
     say "waiting for the pipeline"; wait "$PIPE_PID"
     # After the pipeline: both start a local Ray, and the eval bench wants the CPUs for its own.
     rm -rf "$STATE/eval-bench"
