@@ -264,7 +264,7 @@ def export_model_dir(checkpoint_dir: str | Path, dest: str | Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     if manifest.get("layout") == "sharded":
-            save_model(consolidate_model(src), tmp)
+        save_model(consolidate_model(src), tmp)
     for p in src.iterdir():
         if p.is_file() and p.name not in (TRAIN_STATE, MANIFEST) and not (tmp / p.name).exists():
             shutil.copy2(p, tmp / p.name)

@@ -22,6 +22,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +221,7 @@ def fsdp_policy(cfg: TrainConfig):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def compile_blocks(model, backend="inductor") -> None:
+def compile_blocks(model, backend: str | Callable = "inductor") -> None:
     """torch.compile each T5 block in place (the blocks are where the kernel launches are; the embedding,
     head and loss stay eager), with dynamic shapes: four graphs (the first encoder and decoder blocks
     compute the position bias, the other encoder and decoder blocks share one graph each), compiled in the
@@ -229,9 +230,10 @@ def compile_blocks(model, backend="inductor") -> None:
     Every block of a T5 runs the same Python function, and dynamo compiles at most 8 variants of one
     function (`recompile_limit`); past that, whatever matches none of them runs eager, after one warning
     line. Measured on CPU: with static shapes t5-mini reached the limit at its second (question, answer)
-    length pair, and from then on every block meeting a new length ran eager; a forward that fills T5's KV cache guards each decoder block on its own cache slot, and a 12+12-layer
-    T5 reached the limit at its 6th decoder block (so train_step passes use_cache=False). Validation runs
-    eager (`validate`): cached decoding would need a variant per decoded position.
+    length pair, and from then on every block meeting a new length ran eager; a forward that fills T5's
+    KV cache guards each decoder block on its own cache slot, and a 12+12-layer T5 reached the limit at
+    its 6th decoder block (so train_step passes use_cache=False). Validation runs eager (`validate`):
+    cached decoding would need a variant per decoded position.
 
     Under DDP, dynamo's DDP optimizer (which splits a compiled graph at DDP's bucket boundaries) fails on
     these dynamic-shape graphs ("'int' object has no attribute 'meta'" at the first step, measured with

@@ -13,12 +13,13 @@ Checkpoints load from safetensors only and never with remote code.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from cluster.console import quiet_untied_head_notice
-from cluster.core import ModelError, check_model_dir, is_local_spec
+from cluster.core import ModelError, check_model_dir, is_local_spec, write_json_atomic
 
 # d_model / layers / heads chosen for learning per CPU-minute (measured on a 2-core machine: d_model 128, 2+2 layers
 # at batch 128 runs ~520 samples/s on 2 cores).
@@ -114,10 +115,6 @@ def mark_untied_head(directory) -> None:
     the truth in `scale_decoder_outputs: false`, which only it reads: transformers 4 (and any reader that
     honours the flag) would load our untied flan-t5 finetune with its head tied to the embedding and the
     decoder output scaled, a different model, without an error. transformers 5 loads either file the same."""
-    import json
-
-    from cluster.core import write_json_atomic
-
     path = Path(directory) / "config.json"
     cfg = json.loads(path.read_text())
     if cfg.get("model_type") == "t5" and cfg.get("scale_decoder_outputs") is False and cfg.get("tie_word_embeddings"):
