@@ -86,6 +86,28 @@ def eval_section(path: Path) -> str:
     return "\n".join(out + [""])
 
 
+def train_curve(metrics: list[dict], points: int = 10) -> list[str]:
+    """The loss and validation curves in a line each (about `points` train points), and a divergence:
+    what a plateau or a NaN looks like, without opening metrics.jsonl."""
+    train = [m for m in metrics if "loss" in m and "event" not in m]
+    val = [m for m in metrics if "val_exact_match" in m]
+    out = []
+    if train:
+        every = max(1, len(train) // points)
+        pick = train[every - 1::every] if train[-1] in train[every - 1::every] else [*train[every - 1::every], train[-1]]
+        out.append("- train loss (grad norm) by step: " + ", ".join(
+            f"{m['step']}: {m['loss']:.3g} ({m.get('grad_norm', float('nan')):.2g})" for m in pick))
+    if val:
+        out.append("- validation exact match by step: " + ", ".join(
+            f"{m['step']}: {_pct(m['val_exact_match'])}" for m in val))
+    for m in metrics:
+        if m.get("event") == "diverged":
+            out.append(f"- **train DIVERGED**: loss {m['loss']}, largest grad norm {m['grad_norm']} over steps "
+                       f"{m['first_step']}-{m['step']} (lr {m['lr']:.2e}); stopped, last checkpoint step "
+                       f"{m['last_checkpoint_step']}")
+    return out
+
+
 def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
     out = ["### Speedrun (configs/speedrun.yaml)", "", f"{_now()}; {environment()}", ""]
     if (m := read_json(data / "manifest.json")) is not None:
@@ -104,6 +126,7 @@ def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
                    f"{_pct(best.get('val_exact_match'))} at step {best.get('step')}")
     else:
         out.append("- train: no summary.json (failed or timed out)")
+    out += train_curve(_read_jsonl(train_out / "metrics.jsonl"))
     if (m := read_json(eval_out / "metrics.json")) is not None:
         out.append(f"- eval: **exact match {_pct(m.get('exact_match'))}** on {m.get('rows_scored')} interpolate "
                    f"rows (target >= 95%), F1 {_pct(m.get('f1'))}, {m.get('wall_s', 0):.1f} s")

@@ -65,6 +65,10 @@ class ResourceError(UserError, RuntimeError):
     """The cluster cannot provide what the job asks for (now, or within the configured wait)."""
 
 
+class DivergedError(UserError, RuntimeError):
+    """Training's loss or gradient norm became NaN/inf: the recipe (LR, warmup, precision) must change."""
+
+
 def find_user_error(e: BaseException) -> UserError | None:
     """Our own error in an exception's chain, unwrapped from Ray's task/actor wrappers (whose str() adds
     a remote traceback and retry advice), reduced to its first line. None if there is none."""

@@ -71,6 +71,22 @@ def test_report_sections(tmp_path):
     assert "**exact match 96.1%** on 10000 interpolate rows" in text
     assert ("- train: t5-small-scratch, 1800 steps of 512, 921,600 samples in 179.9 s of training (5,123 samples/s; "
             "ended by its time budget, 180 s), 231.0 s wall; best validation exact match 95.0% at step 1800") in text
+    # A run that went NaN: no summary.json, but its curve and the divergence are in the report.
+    t2 = tmp_path / "t2"
+    t2.mkdir()
+    lines = [{"event": "start", "step": 0}, *({"step": s, "loss": 2.0 - s / 1000, "grad_norm": 0.5, "lr": 1e-3}
+                                              for s in range(100, 800, 100)),
+             {"step": 500, "val_loss": 1.4, "val_exact_match": 0.02, "val_samples": 2000},
+             {"step": 800, "loss": float("nan"), "grad_norm": float("nan"), "lr": 9e-4},
+             {"event": "diverged", "step": 800, "first_step": 701, "loss": float("nan"), "grad_norm": float("nan"),
+              "lr": 9e-4, "last_checkpoint_step": 500}]
+    (t2 / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    report(["speedrun", str(res), str(tmp_path / "d"), str(t2), str(tmp_path / "e")])
+    text = res.read_text().split("### Speedrun")[-1]
+    assert "- train loss (grad norm) by step: 100: 1.9 (0.5), 200: 1.8 (0.5), 300: 1.7 (0.5)" in text
+    assert "800: nan (nan)" in text and "- validation exact match by step: 500: 2.0%" in text
+    assert ("**train DIVERGED**: loss nan, largest grad norm nan over steps 701-800 (lr 9.00e-04); stopped, "
+            "last checkpoint step 500") in text
 
 
 def test_gpu_check_script_parses():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 
 from cluster.config import ConfigError
 from cluster.connect import ResourceError
-from cluster.core import OutputError
+from cluster.core import DivergedError, OutputError
 from train.config import TrainConfig
 from train.model import ModelError
 from train.trainer import DataError, run
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import (  # noqa: E402
     assert_same_curve,
     assert_sharded_and_exported,
+    committed_checkpoints,
     linear_rows,
     loss_curve,
     make_dataset,
@@ -94,6 +97,10 @@ def test_two_worker_run(fault_free):
     assert scalars["train/loss"][16] == pytest.approx(curve[16], rel=1e-6)
     assert sorted(scalars["val/exact_match"]) == [4, 8, 12, 16] and "train/lr" in scalars
     assert "train/samples_per_s" in scalars and "val/loss" in scalars
+    # the gradient norm (before clipping, the interval's largest): logged, finite, the same in TensorBoard
+    norms = {m["step"]: m["grad_norm"] for m in read_metrics(out) if "grad_norm" in m}
+    assert sorted(norms) == list(range(1, 17)) and all(0 < g < 1e3 for g in norms.values()), norms
+    assert scalars["train/grad_norm"][16] == pytest.approx(norms[16], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -162,6 +169,32 @@ def test_time_budget_stops_both_workers_at_one_step_with_the_lr_decayed(ray_loca
     assert lrs[-1] < 0.5 * cfg.lr  # decayed towards lr * min_lr_ratio at the budget's end (max_steps: ~lr)
     assert summary["final"]["step"] == steps and summary["final"]["val_samples"] == 16
     assert_outputs_load(tmp_path, cfg, steps)
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_at_once_with_no_checkpoint_and_a_clear_error(fault_free, tmp_path):
+    """A loss or gradient norm that goes non-finite stops every worker at the next log line, with no
+    checkpoint of the NaN state and no Ray Train retry (max_failures is 1 here: a retry would replay the
+    same batches into the same NaN), and the driver raises DivergedError naming the steps, the LR and the
+    last checkpoint. Resumed from the fault-free run's step 16 with an LR that overflows fp32 at once."""
+    ref_cfg, _, ref_out = fault_free
+    out = tmp_path / "nan"
+    shutil.copytree(ref_out, out)  # its checkpoints too: Ray's snapshot names them relative to the storage
+    cfg = dataclasses.replace(ref_cfg, output=str(out), lr=1e30, max_steps=24, eval_every=2, ckpt_every=2)
+    with pytest.raises(DivergedError, match=r"training diverged: loss \S+, largest gradient norm \S+ over steps 1[78]-1[78] \(lr .*"
+                       r"last checkpoint is step 16 in .*rerunning resumes from it"):
+        run(cfg)
+    events = read_metrics(out)
+    starts = [i for i, m in enumerate(events) if m.get("event") == "start"]
+    assert len(starts) == 2, "Ray Train retried the diverged run"
+    nan = [m for m in events if m.get("event") == "diverged"]
+    assert len(nan) == 1 and nan[0]["last_checkpoint_step"] == 16
+    # here the gradient norm goes first (step 18: loss 4.58, norm nan): AdamW would have made the
+    # weights NaN, and step 18's checkpoint would have saved them
+    assert not (math.isfinite(nan[0]["loss"]) and math.isfinite(nan[0]["grad_norm"])), nan
+    assert committed_checkpoints(out / "ray" / cfg.run_name)[-1] == "step_0000016"  # none after the NaN
+    later = [d.name for d in (out / "ray" / cfg.run_name).glob("step_*") if int(d.name[5:]) > 16]
+    assert not later, f"a NaN state was checkpointed: {later}"
 
 
 @pytest.mark.slow

@@ -317,6 +317,7 @@ class Interval:
     tokens: int = 0
     samples: int = 0
     train_time: float = 0.0
+    grad_norm: Any = 0.0  # the largest gradient norm of the interval (before clipping), a device tensor
     t0: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -343,29 +344,67 @@ def train_step(model, optimizer, batches, cfg: TrainConfig, device: torch.device
         (loss / cfg.grad_accum).backward()
         iv.loss = iv.loss + loss.detach().float()
         iv.micro, iv.tokens, iv.samples = iv.micro + 1, iv.tokens + tokens, iv.samples + samples
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    # The norm is always computed (max_norm inf: no clipping): it is logged, and a non-finite one stops
+    # the run before the optimizer's NaN weights reach a checkpoint (see `diverged`).
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor (each rank's partial norm); one scalar all-reduce
+        norm = norm.full_tensor()
+    iv.grad_norm = torch.maximum(torch.as_tensor(iv.grad_norm, device=norm.device), norm.detach().float())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     iv.train_time += time.perf_counter() - t0
 
 
 def log_interval(iv: Interval, state: RunState, lr: float, epoch: int, max_steps: int, cfg: TrainConfig,
-                 device: torch.device, rank: int, metrics_path: Path, tracker) -> None:
+                 device: torch.device, rank: int, metrics_path: Path, tracker) -> dict[str, Any]:
+    """One progress line (rank 0), summed over workers; returns the record, the same on every rank (the
+    grad norm too: DDP averages the gradients, FSDP's norm is all-reduced)."""
     loss_sum, n_micro, toks, smp = all_sum([float(iv.loss), iv.micro, iv.tokens, iv.samples], device)
     state.tokens += int(toks)
     state.train_time_s += iv.train_time
     elapsed = time.perf_counter() - iv.t0
-    rec = {"step": state.step, "loss": loss_sum / max(n_micro, 1), "lr": lr, "epoch": epoch,
-           "samples": state.samples, "samples_per_s": smp / elapsed, "tokens_per_s": toks / elapsed}
+    rec = {"step": state.step, "loss": loss_sum / max(n_micro, 1), "grad_norm": float(iv.grad_norm), "lr": lr,
+           "epoch": epoch, "samples": state.samples, "samples_per_s": smp / elapsed, "tokens_per_s": toks / elapsed}
     if rank == 0:
         eta = (max_steps - state.step) * elapsed * cfg.global_batch_size / max(smp, 1)
-        log.info("[train] step %d/%d loss %.4f lr %.2e %.0f samples/s %.0f tokens/s eta %s",
-                 state.step, max_steps, rec["loss"], lr, rec["samples_per_s"], rec["tokens_per_s"],
-                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+        log.info("[train] step %d/%d loss %.4f grad norm %.3g lr %.2e %.0f samples/s %.0f tokens/s eta %s",
+                 state.step, max_steps, rec["loss"], rec["grad_norm"], lr, rec["samples_per_s"],
+                 rec["tokens_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)))
         append_jsonl(metrics_path, rec)
-        tracker.log_metrics({f"train/{k}": rec[k] for k in ("loss", "lr", "samples_per_s", "tokens_per_s", "epoch")},
-                            state.step)
+        tracker.log_metrics({f"train/{k}": rec[k] for k in ("loss", "grad_norm", "lr", "samples_per_s",
+                                                             "tokens_per_s", "epoch")}, state.step)
+    return rec
+
+
+def diverged(rec: dict[str, Any]) -> bool:
+    return not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]))
+
+
+def record_divergence(rec: dict[str, Any], first_step: int, last_saved: int | None, metrics_path: Path) -> None:
+    """Rank 0, on a non-finite loss or gradient norm: say so, and leave the driver a `diverged` entry in
+    metrics.jsonl (it raises DivergedError from it). The run stops cleanly rather than raising here: Ray
+    Train retries every worker error (max_failures), and a retry would replay the same batches from the
+    last checkpoint with the same LR into the same NaN."""
+    log.error("[train] the loss went non-finite: loss %s, largest grad norm %s over steps %d-%d (lr %.2e); "
+              "stopping without a checkpoint of it (last checkpoint: %s)", rec["loss"], rec["grad_norm"],
+              first_step, rec["step"], rec["lr"], f"step {last_saved}" if last_saved else "none")
+    append_jsonl(metrics_path, {"event": "diverged", "step": rec["step"], "first_step": first_step,
+                                "loss": rec["loss"], "grad_norm": rec["grad_norm"], "lr": rec["lr"],
+                                "last_checkpoint_step": last_saved})
+
+
+def divergence(metrics_path: Path) -> dict[str, Any] | None:
+    """The driver's side: the `diverged` entry of the latest attempt in metrics.jsonl, if it has one."""
+    if not metrics_path.exists():
+        return None
+    found = None
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("event") == "start":
+            found = None  # an entry of an earlier attempt (resumed since) does not count
+        elif rec.get("event") == "diverged":
+            found = rec
+    return found
 
 
 def validate(model, rows: dict[str, list], tokenizer, cfg: TrainConfig, device: torch.device,
@@ -580,6 +619,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     iv = Interval()
     stopped_early = False
+    went_nan = False
+    last_saved = state.step if state.step else None  # the step of the last checkpoint (resumed from, or saved)
     # The last step: max_steps, or sooner where train.max_time_s runs out (re-estimated every log interval).
     end = min(state.end_step or max_steps, max_steps) if cfg.max_time_s is not None else max_steps
     while state.step < end and not stopped_early:
@@ -590,7 +631,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.step += 1
         state.samples += cfg.global_batch_size  # exact: drop_last keeps every micro batch full
         if state.step % cfg.log_every == 0 or state.step % cfg.ckpt_every == 0 or state.step >= end:
-            log_interval(iv, state, lr, batches.epoch, end, cfg, device, rank, metrics_path, tracker)
+            rec = log_interval(iv, state, lr, batches.epoch, end, cfg, device, rank, metrics_path, tracker)
+            # Every checkpoint comes right after such a check, so none holds a NaN state.
+            if diverged(rec):  # the same on every rank: all stop here, no checkpoint, no retry
+                if rank == 0:
+                    record_divergence(rec, state.step - iv.micro // cfg.grad_accum + 1, last_saved, metrics_path)
+                went_nan = True
+                break
             if cfg.max_time_s is not None:
                 end = state.end_step = time_budget_end(iv, state, cfg, max_steps, device, rank)
             iv = Interval()
@@ -614,8 +661,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.epoch, state.batch_in_epoch = batches.epoch, batches.position
             save_checkpoint(model, optimizer, tokenizer, cfg, state, order, rank, metrics_path,
                             {"stopped_early": stopped_early, "stopped_by_time": at_end and end < max_steps})
+            last_saved = state.step
             iv.t0 += time.perf_counter() - t_ck
-    if rank == 0 and end < max_steps and state.step >= end:
+    if rank == 0 and end < max_steps and state.step >= end and not went_nan:
         log.info("[train] time budget spent (train.max_time_s %gs): stopped at step %d of max_steps %d",
                  cfg.max_time_s, state.step, max_steps)
         append_jsonl(metrics_path, {"event": "time_budget", "step": state.step, "max_time_s": cfg.max_time_s,

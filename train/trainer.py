@@ -21,6 +21,7 @@ from cluster.connect import init_ray, require_resources
 from cluster.core import (
     ConfigError,
     DataError,
+    DivergedError,
     check_data_dir,
     check_writable,
     load_tokenizer,
@@ -83,7 +84,7 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from train.checkpoint import export_model_dir
-    from train.loop import train_loop_per_worker
+    from train.loop import divergence, train_loop_per_worker
 
     t_start = time.time()
     ray_cfg = ray_cfg or RayConfig()
@@ -166,6 +167,15 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if (nan := divergence(out / "metrics.jsonl")) is not None:
+        last = nan["last_checkpoint_step"]
+        raise DivergedError(
+            f"training diverged: loss {nan['loss']}, largest gradient norm {nan['grad_norm']} over steps "
+            f"{nan['first_step']}-{nan['step']} (lr {nan['lr']:.2e}, precision {cfg.precision}); stopped without "
+            f"saving that state. Lower train.lr (now {cfg.lr:g}) or raise train.warmup_steps (now "
+            f"{cfg.warmup_steps}). " + (f"The last checkpoint is step {last} in {storage}/{cfg.run_name}: rerunning "
+                                        f"resumes from it (with the new settings), a new run_name starts over"
+                                        if last else "No checkpoint was saved: a rerun starts over"))
 
     if result.checkpoint is None or not result.metrics:
         raise RuntimeError(f"training finished without a checkpoint in {storage}/{cfg.run_name}")
