@@ -33,6 +33,12 @@ def test_speedrun_config_loads_and_is_the_whole_module():
     assert 3 * p.train_rows_per_regime == 1_999_998 and p.test_rows == 10_000
     assert t.model in TINY_CONFIGS and t.use_gpu and t.num_workers == 1 and t.data == p.output
     assert t.micro_batch == t.global_batch_size and t.grad_accum == 1
+    # one micro batch of the whole global batch must fit an 80 GB H100 (the planner's estimate, which is
+    # just above the measured peak: tests/test_train_bucket.py) at the longest lengths
+    from train.plan import estimate
+
+    assert estimate(t).total / 2**30 < 0.9 * 80, estimate(t)
+    assert t.adam_beta2 == 0.95  # the first run's NaN after its plateau (see the config's header)
     # a fixed time, not a step count: the LR decay ends where the budget does (train.max_time_s)
     assert t.max_time_s == 300 and t.max_steps >= 50_000 and t.ckpt_every % t.eval_every == 0
     assert e.data == p.output and e.model == t.output and e.split == "test" and e.gpus_per_actor == 1

@@ -105,6 +105,17 @@ def test_batch_derivation():
     assert TrainConfig(data="d", global_batch_size=128, num_workers=4).grad_accum == 1
 
 
+def test_adamw_gets_the_configured_betas():
+    from train.loop import make_optimizer
+    from train.model import build_model
+
+    model = build_model("t5-tiny", 64)
+    cpu = torch.device("cpu")
+    opt = make_optimizer(model, TrainConfig(data="d", adam_beta2=0.95), cpu, None)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    assert make_optimizer(model, TrainConfig(data="d"), cpu, None).param_groups[0]["betas"] == (0.9, 0.999)
+
+
 # ---- config validation ----
 @pytest.mark.parametrize("values, message", [
     ({"global_batch_size": 10, "num_workers": 4}, "must be divisible by num_workers"),
@@ -116,6 +127,7 @@ def test_batch_derivation():
     ({"strategy": "fsdp", "num_workers": 1, "global_batch_size": 8}, "needs num_workers >= 2"),
     ({"precision": "fp16"}, "not one of"),
     ({"lr": 0}, "lr must be > 0"),
+    ({"adam_beta2": 1.0}, "adam_beta1 and adam_beta2 must be in"),
     ({"run_name": "a/b"}, "run_name"),
     ({"learning_rate": 1e-3}, "unknown key"),
 ])

@@ -51,6 +51,13 @@ class TrainConfig:
     """Linear warmup from 0 to lr over this many optimizer steps."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW's first-moment decay (the names are Hugging Face TrainingArguments')."""
+    adam_beta2: float = 0.999
+    """AdamW's second-moment decay. 0.999 (PyTorch's and Hugging Face's default) averages the squared
+    gradients over ~1,000 steps: after a long plateau of small gradients, a sudden rise makes updates many
+    times the LR. 0.95 (GPT-3, LLaMA, nanoGPT) adapts within ~20 steps: the usual fix for such loss spikes
+    when training from scratch (configs/speedrun.yaml)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     max_steps: int | None = 600
@@ -188,6 +195,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ConfigError(f"train.adam_beta1 and adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
         if self.dropout is not None and not 0 <= self.dropout < 1:

@@ -277,7 +277,7 @@ def distribute(model, cfg: TrainConfig, device: torch.device):
 
 def make_optimizer(model, cfg: TrainConfig, device: torch.device, saved: dict | None):
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
         fused=device.type == "cuda",  # one kernel for all parameters (plain and FSDP2 DTensors alike)
     )
     if saved is not None and "optimizer" in saved:  # a full checkpoint (a sharded one: load_sharded_checkpoint)
