@@ -79,10 +79,16 @@ def eval_section(path: Path) -> str:
     if r is None:  # missing or torn: say so, never crash (the other sections must still be written)
         return "\n".join(out + ["No result: the step failed, timed out or was left out (see the steps table and its log).", ""])
     out += [f"{r['model']}; {r['rows']} rows, batch {r['batch_size']}. Target: <= 20 s on one H100.", "",
-            "| what | wall s | examples/s | Ray Data part s |", "|---|---|---|---|"]
+            "| what | wall s | examples/s | Ray Data part s | before Ray s | Ray start s | actor ready s (imports, "
+            "model load) |", "|---|---|---|---|---|---|---|"]
     for run in r["runs"]:
         ray_part = f"{run['ray_data_wall_s']:.1f}" if "ray_data_wall_s" in run else "-"
-        out.append(f"| {run['what']} | {run['wall_s']:.1f} | {run['examples_per_s']:,.0f} | {ray_part} |")
+        t = run.get("timing_s") or {}
+        before, start = (f"{t[k]:.1f}" if k in t else "-" for k in ("process_start_to_ray", "ray_start"))
+        actors = "; ".join(f"{a['since_process_start']:.1f} ({a['imports']:.1f}, {a['model_load']:.1f})"
+                           for a in run.get("actor_ready_s") or []) or "-"
+        out.append(f"| {run['what']} | {run['wall_s']:.1f} | {run['examples_per_s']:,.0f} | {ray_part} | {before} | "
+                   f"{start} | {actors} |")
     return "\n".join(out + [""])
 
 

@@ -142,7 +142,7 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     from cluster.connect import init_ray, wait_until_free
     from cluster.console import counting
     from cluster.storage import require_shared_storage
-    from eval.predict import Predictor
+    from eval.predict import Predictor, process_age_s
     from eval.resolve import (
         check_model_loads,
         check_tokenizers_agree,
@@ -173,8 +173,11 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     window = min(cfg.sort_window, max(cfg.batch_size, -(-split.rows // 8)))
     blocks = [split.table.slice(i, window) for i in range(0, split.rows, window)]
 
+    t_ray = time.perf_counter()
+    before_ray = process_age_s()
     init_ray(ray_cfg)
     lo, hi, cpus, gpus, threads = _pool(cfg, ray_cfg, len(blocks))
+    ray_start = time.perf_counter() - t_ray
     # Actors on other nodes load the model (cluster/storage.py); the rows travel from the driver.
     local_model = cfg.model if os.path.isdir(cfg.model) else ""  # a hub id is downloaded on each node
     require_shared_storage({"eval.model": (local_model, False)}, ray_cfg, {"CPU": cpus, "GPU": gpus}, hi)
@@ -199,6 +202,7 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
                 "teacher_forced": cfg.teacher_forced,
                 "use_gpu": gpus > 0,
                 "torch_threads": threads,
+                "announce": True,
             },
             batch_size=window,
             batch_format="numpy",
@@ -229,6 +233,11 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
         gpus_per_actor=gpus,
         wall_s=wall,
         examples_per_s=rows["rows_scored"] / wall if wall > 0 else None,
+        # Where the time went: from this process's start to connecting to Ray (in `python -m eval`: its
+        # imports and checks), connecting to (or starting) Ray, and the Ray Data job (`wall_s`: the actors'
+        # start and model load included; each actor logs its own split as "[eval] actor ready ...").
+        timing_s={"process_start_to_ray": round(before_ray, 2), "ray_start": round(ray_start, 2),
+                  "ray_data": round(wall, 2)},
         config=dataclasses.asdict(cfg),
     )
     return _finish(cfg, out, scored, metrics, model.train_dir)

@@ -10,6 +10,7 @@ Rows are scored here too (eval.metrics.score_columns), so the driver only adds u
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,16 @@ import numpy as np
 
 from cluster.core import IGNORE_INDEX, pad_2d
 from eval.metrics import score_columns
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (psutil: a Ray dependency, in every Ray worker); -1 without it."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # only a log line depends on it
+        return -1.0
 
 
 def length_sorted_chunks(lengths: list[int], size: int) -> list[np.ndarray]:
@@ -44,18 +55,27 @@ class Predictor:
         teacher_forced: bool,
         use_gpu: bool,
         torch_threads: int,
+        announce: bool = False,
     ) -> None:
+        t0 = time.perf_counter()
         import torch
+        import transformers  # noqa: F401  (timed with torch: the actor's import cost)
 
         from cluster.core import load_tokenizer
         from eval.resolve import load_model
 
         torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        # bf16 on GPU halves memory and doubles matmul speed; T5 is stable in bf16 (not in fp16).
+        t_imported = time.perf_counter()
+        # bf16 on GPU halves memory and doubles matmul speed; T5 is stable in bf16 (not in fp16). The
+        # weights go straight to the device (device_map): no fp32 copy converted on the actor's one CPU.
         dtype = torch.bfloat16 if use_gpu else torch.float32
-        self.model = load_model(model, dtype=dtype).to(self.device).eval()
+        self.model = load_model(model, dtype=dtype, device=self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer)
+        if announce:  # where an actor's start-up goes (Ray prefixes the line with the actor's name and pid)
+            print(f"[eval] actor ready {process_age_s():.1f}s after its process started: imports "
+                  f"{t_imported - t0:.1f}s, model load to {self.device.type} {time.perf_counter() - t_imported:.1f}s",
+                  flush=True)
         self.pad_id = self.model.config.pad_token_id
         self.eos_id = self.model.config.eos_token_id
         self.batch_size = batch_size

@@ -70,14 +70,16 @@ def resolve_tokenizer(explicit: str | None, model: ModelSource, data: str | None
     )
 
 
-def load_model(spec: str, dtype=None):
-    """Weights from safetensors only (use_safetensors=True never falls back to a pickle)."""
+def load_model(spec: str, dtype=None, device=None):
+    """Weights from safetensors only (use_safetensors=True never falls back to a pickle), loaded onto
+    `device` (transformers' device_map: each tensor goes there as it is read)."""
     from transformers import AutoModelForSeq2SeqLM
 
     quiet_untied_head_notice()
     try:
         return AutoModelForSeq2SeqLM.from_pretrained(
-            spec, use_safetensors=True, dtype=dtype, trust_remote_code=False
+            spec, use_safetensors=True, dtype=dtype, trust_remote_code=False,
+            **({"device_map": str(device)} if device is not None else {}),
         )
     except OSError as e:
         hint = (

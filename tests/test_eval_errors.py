@@ -187,7 +187,13 @@ def test_ask_answers_like_eval(model_dir, data_dir, capsys, monkeypatch):
     table = pq.read_table(data_dir / "test")
     questions = table["question"].to_pylist()[:3]
     pred = Predictor(str(model_dir), str(model_dir), batch_size=8, max_new_tokens=32, teacher_forced=False,
-                     use_gpu=False, torch_threads=1)
+                     use_gpu=False, torch_threads=1, announce=True)
+    # the actor's start-up line, as the eval bench reads it (bench/eval_bench.py ACTOR_READY)
+    from bench.eval_bench import ACTOR_READY
+
+    ready = ACTOR_READY.findall(capsys.readouterr().out)
+    assert len(ready) == 1 and all(float(x) >= 0 for x in ready[0]), ready
+    assert float(ready[0][0]) >= float(ready[0][1]) + float(ready[0][2])  # the process is older than both
     want = [normalize_answer(t) for t in pred.predict(table["input_ids"].to_pylist()[:3])[0]]
     tok = load_tokenizer(str(model_dir))
     from eval.ask import encode_questions
@@ -239,3 +245,22 @@ def test_predictor_own_greedy_output_is_teacher_forced_exact(model_dir, data_dir
     assert list(second["prediction"]) == list(own["answer"])
     assert second["em"].all() and second["tf_em"].all()
     assert (second["f1"] == 1.0).all()
+
+
+@pytest.mark.gpu
+def test_predictor_loads_bf16_weights_straight_onto_the_gpu(model_dir, data_dir, capsys):
+    """The eval actor on a GPU: weights in bf16 on cuda (device_map, no fp32 copy on the CPU), every row
+    answered, the start-up line says where the model went."""
+    import torch
+
+    from eval.predict import Predictor
+
+    table = pq.read_table(data_dir / "test")
+    pred = Predictor(str(model_dir), str(model_dir), batch_size=4, max_new_tokens=8, teacher_forced=True,
+                     use_gpu=True, torch_threads=1, announce=True)
+    assert "model load to cuda" in capsys.readouterr().out
+    p = next(pred.model.parameters())
+    assert p.device.type == "cuda" and p.dtype == torch.bfloat16
+    texts, gen_tokens, truncated, tf_em = pred.predict(table["input_ids"].to_pylist(), table["labels"].to_pylist())
+    assert len(texts) == len(tf_em) == table.num_rows and all(isinstance(t, str) for t in texts)
+    assert (gen_tokens <= 8).all()

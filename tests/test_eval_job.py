@@ -23,7 +23,7 @@ from eval.config import EvalConfig
 N_ROWS = 96
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Differ between runs by nature (timing, paths, the config that made them).
-VOLATILE = {"wall_s", "examples_per_s", "config", "num_actors", "min_actors", "cpus_per_actor", "model",
+VOLATILE = {"wall_s", "examples_per_s", "timing_s", "config", "num_actors", "min_actors", "cpus_per_actor", "model",
             "tokenizer", "data"}
 
 pytestmark = pytest.mark.slow
@@ -87,6 +87,9 @@ def test_one_actor_rows_in_equal_rows_out_and_outputs(assets, baseline):
     assert baseline["teacher_forced_exact_match"] is not None
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["exact_match"] == baseline["exact_match"]
+    # where the time went: before Ray, Ray's start (already up here: the fixture's), the Ray Data job
+    t = on_disk["timing_s"]
+    assert t["ray_data"] == round(on_disk["wall_s"], 2) and t["process_start_to_ray"] > 0 and 0 <= t["ray_start"] < 30
 
 
 def src_labels(assets) -> list:

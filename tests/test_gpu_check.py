@@ -58,6 +58,13 @@ def test_report_sections(tmp_path):
     text = res.read_text()
     assert "| google/flan-t5-large | False | 256 | 40x4 | 51.2 | 5,000 | 120,000 | 35.1% | 62.0% | 30.1 |" in text
     assert "out of memory" in text and "peak 989.0" in text
+    ev = tmp_path / "ev.json"
+    ev.write_text(json.dumps({"model": "flan-t5-large", "rows": 10000, "batch_size": 512, "runs": [
+        {"what": "python -m eval", "wall_s": 59.0, "examples_per_s": 169.4, "ray_data_wall_s": 32.6,
+         "timing_s": {"process_start_to_ray": 8.04, "ray_start": 9.2, "ray_data": 32.6},
+         "actor_ready_s": [{"since_process_start": 21.5, "imports": 6.1, "model_load": 9.3}]}]}))
+    assert report(["eval", str(res), str(ev)]) == 0
+    assert "| python -m eval | 59.0 | 169 | 32.6 | 8.0 | 9.2 | 21.5 (6.1, 9.3) |" in res.read_text()
     # Steps that left nothing behind are reported as such, not as a crash.
     assert report(["eval", str(res), str(tmp_path / "missing.json")]) == 0
     assert report(["speedrun", str(res), str(tmp_path / "d"), str(tmp_path / "t"), str(tmp_path / "e")]) == 0
