@@ -172,12 +172,14 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     PIPE_PID=$!
     step pytest_gpu 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
     [ $? -eq 5 ] && say "no test is marked gpu"
-    step train_bench_eager 150 "$PY" -m bench.train_gpu_bench "${BENCH[@]}" "${SWEEP[@]}" --json-out "$STATE/train_bench.jsonl"
+    # --profile 3: where each step's time goes (GPU busy share, kernels per step, top kernels and CPU ops)
+    step train_bench_eager 150 "$PY" -m bench.train_gpu_bench "${BENCH[@]}" "${SWEEP[@]}" --profile 3 \
+        --json-out "$STATE/train_bench.jsonl"
     if [ $DRY -eq 0 ]; then
         step train_bench_compiled 150 "$PY" -m bench.train_gpu_bench --compile "${BENCH[@]}" --micro-batch 256 \
-            --json-out "$STATE/train_bench.jsonl"
+            --profile 3 --json-out "$STATE/train_bench.jsonl"
     fi
-    step speedrun_probe 90 "$PY" -m bench.train_gpu_bench "${BENCH[@]}" "${PROBE[@]}" --lengths char \
+    step speedrun_probe 90 "$PY" -m bench.train_gpu_bench "${BENCH[@]}" "${PROBE[@]}" --lengths char --profile 3 \
         --json-out "$STATE/probe.jsonl"
     step train_bench_bucketed 90 "$PY" -m bench.train_gpu_bench --bucket "${BENCH[@]}" "${SWEEP[@]:0:1}" \
         "${SWEEP[@]: -1}" --json-out "$STATE/train_bench.jsonl"

@@ -70,7 +70,13 @@ def train_section(rows: list[dict], title: str) -> str:
     dev = rows[0].get("device", "?")
     out += ["", f"Device {dev}, peak {rows[0].get('peak_tflops')} dense bf16 TFLOP/s (bench/flops.py); random "
             "weights, lengths: " + str(rows[0].get("lengths", "")), ""]
-    return "\n".join(out)
+    prof = [r for r in rows if "gpu_busy" in r]  # --profile: where a step's time goes
+    for r in prof:
+        top = ", ".join(f"{k} {v} ms" for k, v in r["top_gpu_kernels_ms_per_step"][:4])
+        cpu = ", ".join(f"{k} {v} ms" for k, v in r["top_cpu_ops_ms_per_step"][:4])
+        out.append(f"- profile, compile {r['compile']}, micro batch {r['micro_batch']}: GPU busy {_pct(r['gpu_busy'])} "
+                   f"of the step, {r['kernels_per_step']:,} kernels per step; top GPU: {top}; top CPU: {cpu}")
+    return "\n".join(out + ([""] if prof else []))
 
 
 def eval_section(path: Path) -> str:

@@ -142,6 +142,7 @@ def run_one(model, a: dict, args, micro_batch: int, device) -> dict:
     if on_cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    prof = profile_steps(step, [batches[i % len(batches)] for i in range(args.profile)], on_cuda) if args.profile else {}
     name = torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu"
     peak = peak_tflops(name) if on_cuda else None
     useful = sum(b["useful_flops"] for b in timed) / dt / 1e12
@@ -159,7 +160,39 @@ def run_one(model, a: dict, args, micro_batch: int, device) -> dict:
         "mfu_useful": round(useful / peak, 4) if peak else None,
         "mfu_padded": round(padded / peak, 4) if peak else None,
         "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
+        **prof,
     }
+
+
+def profile_steps(step, batches: list, on_cuda: bool, top: int = 8) -> dict:
+    """Where a step's time goes (torch.profiler over a few more steps, after the timed ones): the share of
+    the wall time the GPU spent in kernels (far below 1: the host cannot issue kernels fast enough, and a
+    faster GPU would not help), kernel launches per step, and the top operators by their own GPU and CPU
+    time per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for b in batches:
+            step(b)
+        if on_cuda:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    n = len(batches)
+    cpu_ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    out: dict = {"profiled_steps": n,
+                 "top_cpu_ops_ms_per_step": [[e.key, round(e.self_cpu_time_total / n / 1e3, 2)] for e in cpu_ops]}
+    if on_cuda:  # the GPU's own events: kernels, copies, memsets (names shortened for the report)
+        gpu_us: dict[str, float] = {}
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        for e in events:
+            gpu_us[e.name[:60]] = gpu_us.get(e.name[:60], 0.0) + e.time_range.elapsed_us()
+        out.update(gpu_busy=round(sum(gpu_us.values()) / wall_us, 3), kernels_per_step=round(len(events) / n),
+                   top_gpu_kernels_ms_per_step=[[k, round(v / n / 1e3, 2)] for k, v in
+                                                sorted(gpu_us.items(), key=lambda kv: -kv[1])[:top]])
+    return out
 
 
 def versions() -> dict:
@@ -191,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="draw lengths from a pipeline output's train split instead")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile N more steps: GPU busy share, kernels per step, top operators")
     ap.add_argument("--json-out", default=None, help="append one JSON line per run to this file")
     args = ap.parse_args(argv)
 

@@ -134,9 +134,14 @@ def test_train_bench_smoke_on_cpu(tmp_path):
 
     out = tmp_path / "r.jsonl"
     assert main(["--model", "t5-tiny", "--device", "cpu", "--precision", "fp32", "--micro-batch", "2", "4",
-                 "--steps", "1", "--warmup", "1", "--distinct-batches", "2", "--json-out", str(out)]) == 0
+                 "--steps", "1", "--warmup", "1", "--distinct-batches", "2", "--profile", "2",
+                 "--json-out", str(out)]) == 0
     runs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["micro_batch"] for r in runs] == [2, 4]
+    # --profile: where a step's time goes, per step (GPU fields only on a GPU)
+    ops = dict(runs[0]["top_cpu_ops_ms_per_step"])
+    assert runs[0]["profiled_steps"] == 2 and len(ops) == 8 and all(v >= 0 for v in ops.values())
+    assert any(k.startswith("aten::") for k in ops) and "gpu_busy" not in runs[0]
     for r in runs:
         assert all(S % 8 == 0 and 2 <= T <= 4 for S, T in r["shapes"])
         assert 0 < r["useful_tokens_per_s"] < r["padded_tokens_per_s"]
@@ -148,6 +153,8 @@ def test_train_bench_on_gpu(tmp_path):
     from bench.train_gpu_bench import main
 
     out = tmp_path / "r.jsonl"
-    assert main(["--model", "t5-tiny", "--micro-batch", "16", "--steps", "2", "--json-out", str(out)]) == 0
+    assert main(["--model", "t5-tiny", "--micro-batch", "16", "--steps", "2", "--profile", "2",
+                 "--json-out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["samples_per_s"] > 0 and r["max_memory_gib"] > 0 and r["device"]
+    assert 0 < r["gpu_busy"] <= 1.5 and r["kernels_per_step"] > 100 and len(r["top_gpu_kernels_ms_per_step"]) == 8
