@@ -1,5 +1,5 @@
 """Training pieces without Ray: collation, LR schedule, config validation, decoding, checkpoints, model
-loading errors, the memory planner."""
+loading errors, the memory planner, and the overfit proof (the loop's own parts, in one process)."""
 
 from __future__ import annotations
 
@@ -565,3 +565,46 @@ def test_loading_an_untied_t5_does_not_log_the_tie_notice(tmp_path, tok):
         assert [r for r in records if "to tie shared.weight to lm_head.weight" in r.getMessage()]
     finally:
         logger.removeHandler(handler)
+
+
+def test_overfit_64_examples_to_exact_match(tmp_path):
+    """Proves labels, masking, shift and decoding: with the parts each Ray Train worker runs (its data
+    shard, train_step, lr_at, validate; here in one process, no Ray: the Ray path is
+    tests/test_train_ray.py's), the tiny model memorizes 64 rows, scored by generation."""
+    import sys
+    from pathlib import Path
+
+    from cluster.core import load_tokenizer
+    from train.data import VAL_COLUMNS, InMemoryShard, ShardIterator, validation_subset
+    from train.loop import Interval, make_optimizer, train_step, validate
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_fixtures import linear_rows, make_dataset
+
+    from cluster.core import open_split
+
+    rows = linear_rows(64, seed=7)
+    data = make_dataset(tmp_path / "data", train_rows=rows, val_rows=rows, files=1)
+    cfg = TrainConfig(data=str(data), output=str(tmp_path / "out"), model="t5-tiny", precision="fp32",
+                      num_workers=1, global_batch_size=64, lr=3e-3, min_lr_ratio=0.05, warmup_steps=10,
+                      max_steps=40, eval_every=10, ckpt_every=40, eval_samples=64, eval_batch_size=64,
+                      max_new_tokens=6, shuffle_buffer=0)
+    tokenizer = load_tokenizer(str(data / "tokenizer"))
+    torch.manual_seed(cfg.seed)  # as setup_model
+    model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    cpu = torch.device("cpu")
+    optimizer = make_optimizer(model, cfg, cpu, None)
+    # One epoch = one step of exactly the 64 rows, in a new order each epoch.
+    batches = ShardIterator(InMemoryShard(sorted(str(p) for p in (data / "train").glob("*.parquet")), 0, 1,
+                                          cfg.micro_batch, cfg.seed, tokenizer.pad_token_id, cfg.pad_to_multiple_of))
+    val = validation_subset(open_split(str(data), "validation", VAL_COLUMNS), 64, 1, cfg.seed)
+    ems = []
+    for step in range(cfg.max_steps):
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg, cfg.max_steps)
+        train_step(model, optimizer, batches, cfg, cpu, 1, Interval())
+        if (step + 1) % cfg.eval_every == 0:
+            ems.append(round(64 * validate(model, val, tokenizer, cfg, cpu, 6)["val_exact_match"]))
+    # Measured: 19, 63, 64, 64 of 64 at steps 10-40, the same as this run through Ray Train measured (which
+    # it replaces here: 11 s less). A bug in labels, masking, shift or decoding keeps exact match near 0.
+    assert max(ems) == 64 and ems[-1] >= 63, ems
