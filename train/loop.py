@@ -630,9 +630,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_step(model, optimizer, batches, cfg, device, world, iv)
         state.step += 1
         state.samples += cfg.global_batch_size  # exact: drop_last keeps every micro batch full
-        if state.step % cfg.log_every == 0 or state.step % cfg.ckpt_every == 0 or state.step >= end:
+        # A log line (and its NaN check) before every validation and checkpoint: none sees a NaN state.
+        if (state.step % cfg.log_every == 0 or state.step % cfg.eval_every == 0 or state.step % cfg.ckpt_every == 0
+                or state.step >= end):
             rec = log_interval(iv, state, lr, batches.epoch, end, cfg, device, rank, metrics_path, tracker)
-            # Every checkpoint comes right after such a check, so none holds a NaN state.
             if diverged(rec):  # the same on every rank: all stop here, no checkpoint, no retry
                 if rank == 0:
                     record_divergence(rec, state.step - iv.micro // cfg.grad_accum + 1, last_saved, metrics_path)
