@@ -40,6 +40,8 @@ _TRAIN_CHECKPOINT_LOGGER = "ray.train.v2._internal.execution.storage"
 # controller still lives, and without a dashboard warns each time it cannot ask.
 _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 NO_STATE_API_ENV = "MATHTUNE_RAY_WITHOUT_DASHBOARD"  # set in the job's workers by init_ray (dashboard: false)
+# Ray Train's controller registers its workers' resources with an autoscaling coordinator actor, waiting 5 s.
+_AUTOSCALING_CLIENT_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 
 
 progress_unit = "rows"  # what Ray Data's row count counts in the running job (see counting())
@@ -116,6 +118,18 @@ class NoStateApiNotice(logging.Filter):
         return not record.getMessage().startswith("Failed to query Ray Train Controller actor state")
 
 
+class ShortTransientResourceRequest(logging.Filter):
+    """Ray Train's "Failed to send resource request ..." (its own text: "If this only happens transiently
+    ... it's safe to ignore") comes with a 20-line GetTimeoutError traceback when the autoscaling
+    coordinator actor, started at that moment, takes over 5 s to answer (seen once per run on the GPU
+    node). One line without the traceback; anything else from that logger is left as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Failed to send resource request"):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 class UntiedHeadNotice(logging.Filter):
     """Drops transformers 5's "... specifies to tie shared.weight to lm_head.weight, but both are present in
     the checkpoints with different values, so we will NOT tie them", logged at every load of a T5 with its
@@ -165,12 +179,14 @@ def setup_driver() -> None:
 
 
 def quiet_ray_train() -> None:
-    """In a worker: Ray Train's per-report lines off, its checkpoint lines to DEBUG, and without a dashboard
-    the cleaner's warning dropped (see the filters)."""
+    """In a worker: Ray Train's per-report lines off, its checkpoint lines to DEBUG, its transient
+    resource-request warning without a traceback, and without a dashboard the cleaner's warning dropped
+    (see the filters)."""
     import ray
 
     logging.getLogger(os.path.join(os.path.dirname(ray.__file__), _TRAIN_REPORT_LOGGER)).setLevel(logging.WARNING)
     for name, cls in ((_TRAIN_CHECKPOINT_LOGGER, DemoteToDebug),
+                      (_AUTOSCALING_CLIENT_LOGGER, ShortTransientResourceRequest),
                       *([(_PG_CLEANER_LOGGER, NoStateApiNotice)] if os.environ.get(NO_STATE_API_ENV) else [])):
         logger = logging.getLogger(name)
         if not any(isinstance(f, cls) for f in logger.filters):

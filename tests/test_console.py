@@ -79,3 +79,26 @@ def test_without_a_dashboard_the_cleaners_every_second_warning_is_dropped_and_on
     assert sum(isinstance(f, console.NoStateApiNotice) for f in cleaner.filters) == 1
     assert not cleaner.filter(_record(cleaner.name, line, logging.WARNING))
     assert cleaner.filter(_record(cleaner.name, "Failed to clean up placement group pg_1", logging.WARNING))
+
+
+def test_the_transient_resource_request_warning_loses_its_traceback_only(monkeypatch):
+    """The controller's "Failed to send resource request" (a 5 s GetTimeoutError while the autoscaling
+    coordinator starts) stays one warning line, without its 20-line traceback; other records keep theirs."""
+    import sys
+
+    from cluster import console
+
+    client = logging.getLogger(console._AUTOSCALING_CLIENT_LOGGER)
+    monkeypatch.setattr(client, "filters", [])
+    console.quiet_ray_train()
+    try:
+        raise TimeoutError("Get timed out: some object(s) not ready.")
+    except TimeoutError:
+        exc = sys.exc_info()
+    transient = _record(client.name, "Failed to send resource request for train-2e37. If this only happens "
+                        "transiently ... it's safe to ignore this error.", logging.WARNING)
+    other = _record(client.name, "Something else failed", logging.WARNING)
+    transient.exc_info = other.exc_info = exc
+    assert client.filter(transient) and client.filter(other)  # both still shown
+    assert transient.exc_info is None and other.exc_info is exc
+    assert "Traceback" not in logging.Formatter().format(transient)
