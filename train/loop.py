@@ -349,7 +349,8 @@ def train_step(model, optimizer, batches, cfg: TrainConfig, device: torch.device
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor (each rank's partial norm); one scalar all-reduce
         norm = norm.full_tensor()
-    iv.grad_norm = torch.maximum(torch.as_tensor(iv.grad_norm, device=norm.device), norm.detach().float())
+    norm = norm.detach().float()  # stays on the device: no sync (the first step's float would be a copy to it)
+    iv.grad_norm = norm if isinstance(iv.grad_norm, float) else torch.maximum(iv.grad_norm, norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     iv.train_time += time.perf_counter() - t0
