@@ -6,6 +6,7 @@ missing weight file or a misnamed column is one clear line, not a traceback from
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 from cluster.console import quiet_untied_head_notice
 from cluster.core import (
+    TOKENIZER_FILES,
     DataError,
     UserError,
     check_data_dir,
@@ -91,8 +93,29 @@ def load_model(spec: str, dtype=None, device=None):
         raise EvalError(f"could not load model {spec!r}: {e}.{hint}") from e
 
 
+# T5-family config.json files (what this project writes and flan-t5's) are read as JSON in the driver:
+# AutoConfig imports transformers and torch there, ~4 s before Ray can start, for three fields.
+FAST_CONFIG_TYPES = ("t5", "mt5", "umt5")
+
+
+def _local_t5_config(model: ModelSource) -> dict | None:
+    """model_type and vocab_size of a local T5-family folder's config.json; None for anything else (a hub
+    id, another model type, a file without the fields), which AutoConfig then reads and checks."""
+    if not model.local:
+        return None
+    try:
+        cfg = json.loads((Path(model.spec) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # AutoConfig's error names the problem
+    if cfg.get("model_type") in FAST_CONFIG_TYPES and isinstance(cfg.get("vocab_size"), int):
+        return {"model_type": cfg["model_type"], "vocab_size": cfg["vocab_size"]}
+    return None
+
+
 def check_model_loads(model: ModelSource) -> dict:
     """Read the config in the driver: a hub id that cannot be reached fails here, once, clearly."""
+    if (fast := _local_t5_config(model)) is not None:
+        return fast
     from transformers import AutoConfig
 
     try:
@@ -108,12 +131,43 @@ def check_model_loads(model: ModelSource) -> dict:
     return {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size}
 
 
+# Keys transformers writes into tokenizer_config.json about where a tokenizer was loaded from, not how it
+# encodes (a train output's copy of the data's tokenizer differs from it only there).
+LOAD_METADATA_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")
+
+
+def same_tokenizer_files(a: str, b: str) -> bool:
+    """Two local tokenizer folders with the same files, byte for byte (tokenizer_config.json up to its load
+    metadata), encode alike: no need to load both (AutoTokenizer imports transformers and torch in the
+    driver, ~3 s before Ray can start). False whenever unsure: the caller then encodes a probe with both."""
+    pa, pb = Path(a), Path(b)
+    if not (pa.is_dir() and pb.is_dir()):
+        return False
+    for name in TOKENIZER_FILES:
+        fa, fb = pa / name, pb / name
+        if fa.is_file() != fb.is_file():
+            return False
+        if not fa.is_file():
+            continue
+        if name == "tokenizer_config.json":
+            try:
+                ca, cb = (json.loads(f.read_text()) for f in (fa, fb))
+            except ValueError:
+                return False
+            if {k: v for k, v in ca.items() if k not in LOAD_METADATA_KEYS} != \
+                    {k: v for k, v in cb.items() if k not in LOAD_METADATA_KEYS}:
+                return False
+        elif fa.read_bytes() != fb.read_bytes():
+            return False
+    return any((pa / name).is_file() for name in TOKENIZER_FILES)
+
+
 def check_tokenizers_agree(model_tok_spec: str, data: str | None) -> None:
     """The data's input_ids were made by <data>/tokenizer; decoding with another one would be garbage."""
     if not data or not has_tokenizer(Path(data) / "tokenizer"):
         return
     data_tok_spec = str(Path(data) / "tokenizer")
-    if Path(model_tok_spec).resolve() == Path(data_tok_spec).resolve():
+    if Path(model_tok_spec).resolve() == Path(data_tok_spec).resolve() or same_tokenizer_files(model_tok_spec, data_tok_spec):
         return
     a = load_tokenizer(model_tok_spec)(TOKENIZER_PROBE)["input_ids"]
     b = load_tokenizer(data_tok_spec)(TOKENIZER_PROBE)["input_ids"]

@@ -61,6 +61,28 @@ def test_model_dir_not_found_and_hub_id_offline(tmp_path, data_dir, monkeypatch)
         _run(model="google/flan-t5-large", data=str(data_dir), output=str(tmp_path / "out"))
 
 
+def test_model_config_is_read_in_the_driver_fast_for_t5_and_checked_for_the_rest(tmp_path, model_dir):
+    """A local T5 folder's config.json is read as JSON (no transformers import before Ray starts), with the
+    same answer AutoConfig gives; another model type goes through AutoConfig, and a decoder-only model is
+    refused before any actor starts."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    from eval.resolve import _local_t5_config, check_model_loads
+
+    src = resolve_model(str(model_dir))
+    ref = AutoConfig.from_pretrained(str(model_dir))
+    assert _local_t5_config(src) == check_model_loads(src) == {"model_type": "t5", "vocab_size": ref.vocab_size}
+    gpt = tmp_path / "gpt"
+    shutil.copytree(model_dir, gpt)
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 98, "n_layer": 1}))
+    src = resolve_model(str(gpt))
+    assert _local_t5_config(src) is None
+    with pytest.raises(EvalError, match="is a gpt2 model; eval needs an encoder-decoder"):
+        check_model_loads(src)
+
+
 def test_train_output_dir_resolves_to_final(model_dir):
     src = resolve_model(str(model_dir.parent))
     assert src.spec == str(model_dir) and src.local
@@ -123,6 +145,28 @@ def test_tokenizer_mismatch(tmp_path, data_dir):
     with pytest.raises(EvalError, match="encode text differently"):
         check_tokenizers_agree(str(tmp_path / "other"), str(data_dir))
     check_tokenizers_agree(str(data_dir / "tokenizer"), str(data_dir))  # the same one: fine
+
+
+def test_a_copy_of_the_datas_tokenizer_is_recognized_without_loading_it(tmp_path, model_dir, data_dir):
+    """A train output's tokenizer is the data's, saved again (tokenizer_config.json gains load metadata):
+    same files, so no AutoTokenizer in the driver; a changed tokenizer.json or a setting is not the same."""
+    import shutil
+
+    from eval.resolve import same_tokenizer_files
+
+    data_tok = data_dir / "tokenizer"
+    assert same_tokenizer_files(str(model_dir), str(data_tok))  # the fixture's model saved its own copy
+    changed = tmp_path / "changed"
+    shutil.copytree(data_tok, changed)
+    cfg = json.loads((changed / "tokenizer_config.json").read_text())
+    (changed / "tokenizer_config.json").write_text(json.dumps({**cfg, "is_local": True, "name_or_path": "x"}))
+    assert same_tokenizer_files(str(changed), str(data_tok))  # load metadata only
+    (changed / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 7}))
+    assert not same_tokenizer_files(str(changed), str(data_tok))  # a setting
+    shutil.copy(data_tok / "tokenizer_config.json", changed / "tokenizer_config.json")
+    (changed / "tokenizer.json").write_text((data_tok / "tokenizer.json").read_text().replace("<unk>", "<UNK>"))
+    assert not same_tokenizer_files(str(changed), str(data_tok))  # the vocabulary
+    assert not same_tokenizer_files(str(tmp_path / "missing"), str(data_tok))
 
 
 def test_unwritable_output(tmp_path, model_dir, data_dir):
