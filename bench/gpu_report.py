@@ -11,13 +11,12 @@ saying so (a step that timed out leaves none), never a crash that would lose the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cluster.core import read_json
+from cluster.core import read_json, read_jsonl
 
 
 def _now() -> str:
@@ -41,12 +40,6 @@ def environment() -> str:
         except ImportError:
             parts.append(f"{mod} missing")
     return ", ".join(parts)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().startswith("{")]
 
 
 def _pct(x) -> str:
@@ -138,7 +131,7 @@ def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
                    f"{_pct(best.get('val_exact_match'))} at step {best.get('step')}")
     else:
         out.append("- train: no summary.json (failed or timed out)")
-    out += train_curve(_read_jsonl(train_out / "metrics.jsonl"))
+    out += train_curve(read_jsonl(train_out / "metrics.jsonl"))
     if (m := read_json(eval_out / "metrics.json")) is not None:
         out.append(f"- eval: **exact match {_pct(m.get('exact_match'))}** on {m.get('rows_scored')} interpolate "
                    f"rows (target >= 95%), F1 {_pct(m.get('f1'))}, {m.get('wall_s', 0):.1f} s")
@@ -164,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("eval_out")
     a = p.parse_args(argv)
     if a.what == "train":
-        text = train_section(_read_jsonl(Path(a.jsonl)), a.title)
+        text = train_section(read_jsonl(Path(a.jsonl)), a.title)
     elif a.what == "eval":
         text = eval_section(Path(a.json))
     else:

@@ -115,6 +115,20 @@ def append_jsonl(path: str | Path, obj: dict[str, Any]) -> None:
         f.write(json.dumps(obj) + "\n")
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The lines `append_jsonl` wrote, as dicts ([] for a missing file); a line torn by a process killed
+    mid-write (or anything that is not a JSON object) is skipped, not fatal."""
+    rows = []
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def read_json(path: str | Path) -> Any | None:
     """The parsed file, or None when it is missing or unreadable (a torn write, another tool's file)."""
     try:

@@ -37,7 +37,7 @@ from cluster.config import (
     run_cli,
     set_error_log_dir,
 )
-from cluster.core import ResourceError, append_jsonl, read_json, write_json_atomic
+from cluster.core import ResourceError, append_jsonl, read_json, read_jsonl, write_json_atomic
 
 log = logging.getLogger("mathtune.run")
 
@@ -286,9 +286,7 @@ def log_stage(root: Path, name: str, seconds: float) -> None:
 def stage_seconds(root: Path) -> dict[str, float]:
     """Each stage's seconds from its latest run (stages.jsonl: later lines win), in the job's stage order."""
     seconds: dict[str, float] = {}
-    path = root / "logs" / "stages.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        rec = json.loads(line)
+    for rec in read_jsonl(root / "logs" / "stages.jsonl"):
         seconds[rec["stage"]] = rec["seconds"]
     return seconds
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from cluster.core import read_jsonl
 
 log = logging.getLogger("mathtune.eval")
 
@@ -29,16 +30,8 @@ def _pct(x: float | None) -> str:
 
 
 def read_train_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl lines as dicts; a torn last line (a run killed mid-write) is skipped, not fatal."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
+    """metrics.jsonl's entries with a step (torn lines skipped: read_jsonl)."""
+    return [row for row in read_jsonl(path) if "step" in row]
 
 
 def plot_accuracy_by_regime(metrics: dict[str, Any], path: Path) -> None:

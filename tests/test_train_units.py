@@ -4,6 +4,7 @@ loading errors, the memory planner, and the overfit proof (the loop's own parts,
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -80,6 +81,22 @@ def test_lr_warmup_then_linear_decay():
     assert lr_at(9, cfg, 110) == pytest.approx(1.0)
     assert lr_at(60, cfg, 110) == pytest.approx(0.55)
     assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+
+
+def test_divergence_is_the_latest_attempts_and_survives_a_torn_line(tmp_path):
+    """The driver's reading of metrics.jsonl after fit(): a `diverged` entry counts only if no later
+    attempt started; a line torn by a killed worker does not stop the driver from reading the rest."""
+    from train.loop import divergence
+
+    path = tmp_path / "metrics.jsonl"
+    assert divergence(path) is None  # no file yet
+    nan = {"event": "diverged", "step": 20, "first_step": 11, "loss": float("nan"), "grad_norm": 1.0}
+    lines = [{"event": "start", "step": 0}, {"step": 10, "loss": 2.0}, nan]
+    path.write_text("".join(json.dumps(m) + "\n" for m in lines) + '{"step": 21, "lo')  # torn
+    assert divergence(path)["first_step"] == 11
+    with open(path, "a") as f:
+        f.write("\n" + json.dumps({"event": "start", "step": 10}) + "\n")  # resumed since: that NaN is old
+    assert divergence(path) is None
 
 
 def test_time_budget_end_from_rank0s_last_interval():

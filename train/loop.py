@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cluster.core import CheckpointError, append_jsonl, write_text_atomic
+from cluster.core import CheckpointError, append_jsonl, read_jsonl, write_text_atomic
 from train.collate import collate_seq2seq
 from train.config import TrainConfig
 from train.ddp_hooks import apply_comm_hook
@@ -396,11 +396,8 @@ def record_divergence(rec: dict[str, Any], first_step: int, last_saved: int | No
 
 def divergence(metrics_path: Path) -> dict[str, Any] | None:
     """The driver's side: the `diverged` entry of the latest attempt in metrics.jsonl, if it has one."""
-    if not metrics_path.exists():
-        return None
     found = None
-    for line in metrics_path.read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
+    for rec in read_jsonl(metrics_path):
         if rec.get("event") == "start":
             found = None  # an entry of an earlier attempt (resumed since) does not count
         elif rec.get("event") == "diverged":
