@@ -6,7 +6,6 @@ missing weight file or a misnamed column is one clear line, not a traceback from
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,13 +100,8 @@ FAST_CONFIG_TYPES = ("t5", "mt5", "umt5")
 def _local_t5_config(model: ModelSource) -> dict | None:
     """model_type and vocab_size of a local T5-family folder's config.json; None for anything else (a hub
     id, another model type, a file without the fields), which AutoConfig then reads and checks."""
-    if not model.local:
-        return None
-    try:
-        cfg = json.loads((Path(model.spec) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None  # AutoConfig's error names the problem
-    if cfg.get("model_type") in FAST_CONFIG_TYPES and isinstance(cfg.get("vocab_size"), int):
+    cfg = read_json(Path(model.spec) / "config.json") if model.local else None  # unreadable: AutoConfig says why
+    if isinstance(cfg, dict) and cfg.get("model_type") in FAST_CONFIG_TYPES and isinstance(cfg.get("vocab_size"), int):
         return {"model_type": cfg["model_type"], "vocab_size": cfg["vocab_size"]}
     return None
 
@@ -136,6 +130,16 @@ def check_model_loads(model: ModelSource) -> dict:
 LOAD_METADATA_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")
 
 
+def _tokenizer_files(path: Path) -> dict[str, Any]:
+    """A tokenizer folder's files: their bytes, tokenizer_config.json as a dict without its load metadata."""
+    files: dict[str, Any] = {name: (path / name).read_bytes() for name in TOKENIZER_FILES if (path / name).is_file()}
+    if "tokenizer_config.json" in files:
+        cfg = read_json(path / "tokenizer_config.json")
+        if isinstance(cfg, dict):
+            files["tokenizer_config.json"] = {k: v for k, v in cfg.items() if k not in LOAD_METADATA_KEYS}
+    return files
+
+
 def same_tokenizer_files(a: str, b: str) -> bool:
     """Two local tokenizer folders with the same files, byte for byte (tokenizer_config.json up to its load
     metadata), encode alike: no need to load both (AutoTokenizer imports transformers and torch in the
@@ -143,23 +147,8 @@ def same_tokenizer_files(a: str, b: str) -> bool:
     pa, pb = Path(a), Path(b)
     if not (pa.is_dir() and pb.is_dir()):
         return False
-    for name in TOKENIZER_FILES:
-        fa, fb = pa / name, pb / name
-        if fa.is_file() != fb.is_file():
-            return False
-        if not fa.is_file():
-            continue
-        if name == "tokenizer_config.json":
-            try:
-                ca, cb = (json.loads(f.read_text()) for f in (fa, fb))
-            except ValueError:
-                return False
-            if {k: v for k, v in ca.items() if k not in LOAD_METADATA_KEYS} != \
-                    {k: v for k, v in cb.items() if k not in LOAD_METADATA_KEYS}:
-                return False
-        elif fa.read_bytes() != fb.read_bytes():
-            return False
-    return any((pa / name).is_file() for name in TOKENIZER_FILES)
+    files = _tokenizer_files(pa)
+    return bool(files) and files == _tokenizer_files(pb)
 
 
 def check_tokenizers_agree(model_tok_spec: str, data: str | None) -> None:

@@ -628,9 +628,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_step(model, optimizer, batches, cfg, device, world, iv)
         state.step += 1
         state.samples += cfg.global_batch_size  # exact: drop_last keeps every micro batch full
-        # A log line (and its NaN check) before every validation and checkpoint: none sees a NaN state.
-        if (state.step % cfg.log_every == 0 or state.step % cfg.eval_every == 0 or state.step % cfg.ckpt_every == 0
-                or state.step >= end):
+        # A log line (and its NaN check) before every validation and checkpoint (ckpt_every is a multiple of
+        # eval_every): none sees a NaN state.
+        if state.step % cfg.log_every == 0 or state.step % cfg.eval_every == 0 or state.step >= end:
             rec = log_interval(iv, state, lr, batches.epoch, end, cfg, device, rank, metrics_path, tracker)
             if diverged(rec):  # the same on every rank: all stop here, no checkpoint, no retry
                 if rank == 0:
