@@ -137,6 +137,11 @@ def plain_loop(model_dir: Path, data: Path, batch_size: int, max_new_tokens: int
             "generate_only_examples_per_s": n / (t_end - t_loaded)}
 
 
+# The line each eval actor prints when ready (eval/predict.py); Ray forwards it to the driver's output.
+ACTOR_READY = re.compile(r"\[eval\] actor ready (-?[\d.]+)s after its process started: imports ([\d.]+)s, "
+                         r"model load to \w+ ([\d.]+)s")
+
+
 def run_eval_cli(model_dir: Path, data: Path, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "eval", "--model", str(model_dir), "--data", str(data), "--output", str(out),
            "--no-teacher-forced", *extra]
@@ -146,16 +151,12 @@ def run_eval_cli(model_dir: Path, data: Path, out: Path, extra: list[str]) -> di
     if proc.returncode != 0:
         raise SystemExit(f"python -m eval failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     m = json.loads((out / "metrics.json").read_text())
-    # The actors' own start-up split (eval/predict.py prints it; Ray forwards it to the driver's output).
     ready = [tuple(map(float, g)) for g in ACTOR_READY.findall(proc.stdout + proc.stderr)]
     return {"cmd": " ".join(cmd[1:]), "rows": m["rows_scored"], "wall_s": wall, "examples_per_s": m["rows_scored"] / wall,
             "ray_data_wall_s": m["wall_s"], "ray_data_examples_per_s": m["examples_per_s"],
             "max_new_tokens": m["max_new_tokens"], "timing_s": m.get("timing_s"),
             "actor_ready_s": [{"since_process_start": a, "imports": b, "model_load": c} for a, b, c in ready]}
 
-
-ACTOR_READY = re.compile(r"\[eval\] actor ready (-?[\d.]+)s after its process started: imports ([\d.]+)s, "
-                         r"model load to \w+ ([\d.]+)s")
 
 
 def _versions(gpu: bool) -> dict:

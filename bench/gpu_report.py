@@ -99,7 +99,9 @@ def train_curve(metrics: list[dict], points: int = 10) -> list[str]:
     out = []
     if train:
         every = max(1, len(train) // points)
-        pick = train[every - 1::every] if train[-1] in train[every - 1::every] else [*train[every - 1::every], train[-1]]
+        pick = train[every - 1::every]
+        if pick[-1] is not train[-1]:
+            pick.append(train[-1])  # always the last point
         out.append("- train loss (grad norm) by step: " + ", ".join(
             f"{m['step']}: {m['loss']:.3g} ({m.get('grad_norm', float('nan')):.2g})" for m in pick))
     if val:

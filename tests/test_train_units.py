@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,9 @@ from train.collate import IGNORE_INDEX, collate_seq2seq
 from train.config import TrainConfig
 from train.loop import lr_at, truncate_metrics
 from train.model import ModelError, build_model, check_model_dir, check_same_arch, tiny_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import linear_rows, make_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +159,6 @@ def test_config_errors(values, message):
 
 
 def test_shipped_configs_parse():
-    from pathlib import Path
-
     from cluster.config import resolve
 
     for f in ("configs/demo.yaml", "configs/flan-t5-large.yaml"):
@@ -588,17 +591,9 @@ def test_overfit_64_examples_to_exact_match(tmp_path):
     """Proves labels, masking, shift and decoding: with the parts each Ray Train worker runs (its data
     shard, train_step, lr_at, validate; here in one process, no Ray: the Ray path is
     tests/test_train_ray.py's), the tiny model memorizes 64 rows, scored by generation."""
-    import sys
-    from pathlib import Path
-
-    from cluster.core import load_tokenizer
+    from cluster.core import load_tokenizer, open_split
     from train.data import VAL_COLUMNS, InMemoryShard, ShardIterator, validation_subset
     from train.loop import Interval, make_optimizer, train_step, validate
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_fixtures import linear_rows, make_dataset
-
-    from cluster.core import open_split
 
     rows = linear_rows(64, seed=7)
     data = make_dataset(tmp_path / "data", train_rows=rows, val_rows=rows, files=1)
