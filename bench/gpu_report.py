@@ -83,7 +83,7 @@ def eval_section(path: Path) -> str:
     for run in r["runs"]:
         ray_part = f"{run['ray_data_wall_s']:.1f}" if "ray_data_wall_s" in run else "-"
         t = run.get("timing_s") or {}
-        before, start = (f"{t[k]:.1f}" if k in t else "-" for k in ("process_start_to_ray", "ray_start"))
+        before, start = (f"{t[k]:.1f}" if t.get(k) is not None else "-" for k in ("process_start_to_ray", "ray_start"))
         actors = "; ".join(f"{a['since_process_start']:.1f} ({a['imports']:.1f}, {a['model_load']:.1f})"
                            for a in run.get("actor_ready_s") or []) or "-"
         out.append(f"| {run['what']} | {run['wall_s']:.1f} | {run['examples_per_s']:,.0f} | {ray_part} | {before} | "

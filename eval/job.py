@@ -174,7 +174,8 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
     blocks = [split.table.slice(i, window) for i in range(0, split.rows, window)]
 
     t_ray = time.perf_counter()
-    before_ray = process_age_s()
+    # Only where this call starts Ray (`python -m eval`): inside a job the process also ran earlier stages.
+    before_ray = None if ray.is_initialized() else round(process_age_s(), 2)
     init_ray(ray_cfg)
     lo, hi, cpus, gpus, threads = _pool(cfg, ray_cfg, len(blocks))
     ray_start = time.perf_counter() - t_ray
@@ -233,10 +234,11 @@ def evaluate_model(cfg: EvalConfig, ray_cfg: RayConfig) -> dict[str, Any]:
         gpus_per_actor=gpus,
         wall_s=wall,
         examples_per_s=rows["rows_scored"] / wall if wall > 0 else None,
-        # Where the time went: from this process's start to connecting to Ray (in `python -m eval`: its
-        # imports and checks), connecting to (or starting) Ray, and the Ray Data job (`wall_s`: the actors'
-        # start and model load included; each actor logs its own split as "[eval] actor ready ...").
-        timing_s={"process_start_to_ray": round(before_ray, 2), "ray_start": round(ray_start, 2),
+        # Where the time went: from this process's start to starting Ray (`python -m eval`: its imports and
+        # checks; None when Ray was already up), connecting to (or starting) Ray, and the Ray Data job
+        # (`wall_s`: the actors' start and model load included; each actor logs its own split as "[eval]
+        # actor ready ...").
+        timing_s={"process_start_to_ray": before_ray, "ray_start": round(ray_start, 2),
                   "ray_data": round(wall, 2)},
         config=dataclasses.asdict(cfg),
     )

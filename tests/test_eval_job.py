@@ -89,7 +89,8 @@ def test_one_actor_rows_in_equal_rows_out_and_outputs(assets, baseline):
     assert on_disk["exact_match"] == baseline["exact_match"]
     # where the time went: before Ray, Ray's start (already up here: the fixture's), the Ray Data job
     t = on_disk["timing_s"]
-    assert t["ray_data"] == round(on_disk["wall_s"], 2) and t["process_start_to_ray"] > 0 and 0 <= t["ray_start"] < 30
+    assert t["ray_data"] == round(on_disk["wall_s"], 2) and 0 <= t["ray_start"] < 30
+    assert t["process_start_to_ray"] is None  # Ray was up before this eval (a job's process ran more before it)
 
 
 def src_labels(assets) -> list:
