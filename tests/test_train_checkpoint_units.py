@@ -151,3 +151,63 @@ def test_local_checkpoint_copies_of_dead_workers_are_removed_and_no_other(tmp_pa
     assert remove_orphaned_checkpoints(str(tmp_path)) == [dead.name]
     assert not dead.exists() and live.is_dir() and other_host.is_dir() and unrelated.is_dir()
     assert remove_orphaned_checkpoints(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fsdp_bf16_mixed_training_step_checkpoint_and_resume(device, tok, tmp_path):
+    """What an FSDP worker runs, in one process (gloo on CPU, NCCL on a GPU): `distribute` shards with the
+    bf16 mixed-precision policy (fp32 master weights, bf16 in the forward), `make_optimizer` (fused AdamW on
+    a GPU, over DTensors), the loop's `train_step` (autocast, two micro batches, the DTensor gradient norm);
+    then a sharded checkpoint, and a differently initialised model resumed from it takes the same next
+    step. On a GPU this is the only FSDP run the device check makes (one GPU: no multi-rank NCCL)."""
+    import math
+
+    from torch.distributed.tensor import DTensor
+
+    from train.config import TrainConfig
+    from train.loop import Interval, distribute, make_optimizer, train_step
+
+    dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path / 'pg'}",
+                            rank=0, world_size=1)
+    try:
+        # num_workers 2 is what the config asks of FSDP; this process is the world (train_step's world=1)
+        cfg = TrainConfig(data="d", model="t5-tiny", precision="bf16-mixed", strategy="fsdp", num_workers=2,
+                          global_batch_size=4, micro_batch_size=1, lr=1e-3, use_gpu=device == "cuda")
+        assert cfg.grad_accum == 2
+
+        def fresh(seed):
+            torch.manual_seed(seed)
+            m = distribute(build_model("t5-tiny", len(tok)), cfg, dev)
+            return m, make_optimizer(m, cfg, dev, None)
+
+        m, opt = fresh(0)
+        assert opt.defaults["fused"] is (device == "cuda")
+        p = m.encoder.block[0].layer[0].SelfAttention.q.weight
+        assert isinstance(p, DTensor) and p.dtype == torch.float32 and p.device.type == device  # master weights
+        seen = []
+        hook = m.encoder.block[0].layer[0].SelfAttention.q.register_forward_pre_hook(
+            lambda mod, _: seen.append(mod.weight.dtype))
+        batches = [collate_seq2seq({k: v[i:i + 1] for k, v in BATCH.items()}) for i in range(2)]
+
+        def step(model, optimizer):
+            iv = Interval()
+            train_step(model, optimizer, iter(batches), cfg, dev, 1, iv)
+            return float(iv.loss), float(iv.grad_norm)
+
+        loss, norm = step(m, opt)
+        hook.remove()
+        assert seen == [torch.bfloat16] * 2, "the policy's bf16 weights in the forward of both micro batches"
+        assert math.isfinite(loss) and 0 < norm < math.inf
+
+        d = write_sharded_checkpoint(tmp_path / "c", m, opt, tok, {"step": 1}, 0)
+        m2, opt2 = fresh(1)
+        load_sharded_state(m2, opt2, d)
+        (loss_a, norm_a), (loss_b, norm_b) = step(m, opt), step(m2, opt2)
+        assert loss_b == pytest.approx(loss_a, rel=1e-6) and norm_b == pytest.approx(norm_a, rel=1e-5)
+        a, b = full(m), full(m2)
+        assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
+    finally:
+        dist.destroy_process_group()
