@@ -115,6 +115,12 @@ def train_curve(metrics: list[dict], points: int = 10) -> list[str]:
     return out
 
 
+def steady(summary: dict) -> str:
+    """The rate without the first step (its one-off costs), where summary.json has it."""
+    rate = summary.get("samples_per_s_after_first_step")
+    return f", {rate:,.0f} after the first step of {summary['first_steps_s']} s" if rate else ""
+
+
 def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
     out = ["### Speedrun (configs/speedrun.yaml)", "", f"{_now()}; {environment()}", ""]
     if (m := read_json(data / "manifest.json")) is not None:
@@ -128,7 +134,7 @@ def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
         best = t.get("best") or {}
         budget = f"; ended by its time budget, {t['max_time_s']:g} s" if t.get("stopped_by_time") else ""
         out.append(f"- train: {t['model']}, {t['steps']} steps of {t['global_batch_size']}, {t['samples']:,} samples "
-                   f"in {t['train_time_s']} s of training ({t['samples_per_s']:,.0f} samples/s{budget}), "
+                   f"in {t['train_time_s']} s of training ({t['samples_per_s']:,.0f} samples/s{steady(t)}{budget}), "
                    f"{t['wall_time_s']} s wall; best validation exact match "
                    f"{_pct(best.get('val_exact_match'))} at step {best.get('step')}")
     else:

@@ -90,6 +90,9 @@ def test_two_worker_run(fault_free):
     assert [v["step"] for v in vals] == [4, 8, 12, 16] and all(v["val_samples"] == 16 for v in vals)
     assert summary["best"]["step"] in (4, 8, 12, 16) and summary["samples_per_s"] > 0
     assert summary["data_loading"] == "memory" and not summary["stopped_early"]
+    assert summary["first_steps"] == 1 and 0 < summary["first_steps_s"] < summary["train_time_s"]
+    assert summary["samples_per_s_after_first_step"] == pytest.approx(
+        (16 - 1) * cfg.global_batch_size / (summary["train_time_s"] - summary["first_steps_s"]), rel=0.01)
     # TensorBoard: the same numbers as metrics.jsonl, readable from the event files
     scalars = read_scalars(out / "tensorboard")
     assert sorted(scalars["train/loss"]) == list(range(1, 17))
@@ -219,6 +222,8 @@ def test_fsdp_worker_sigkill_resumes_from_shards_on_the_same_curve(fault_free, t
     cfg = dataclasses.replace(ref_cfg, output=str(out), strategy="fsdp")
     summary = run_killing_rank0(cfg, after_step=4)
     assert summary["steps"] == 16 and summary["strategy"] == "fsdp"
+    starts = [m for m in read_metrics(out) if m.get("event") == "start"]  # the starts the final state went through
+    assert summary["first_steps"] == len(starts) >= 2, "each start's first step (the first and the resumed one)"
     resumes = [m for m in read_metrics(out) if m.get("event") == "resume"]
     assert resumes and resumes[0]["step"] >= 4
     assert_sharded_and_exported(cfg, summary, out)

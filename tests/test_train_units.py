@@ -620,3 +620,13 @@ def test_overfit_64_examples_to_exact_match(tmp_path):
     # Measured: 19, 63, 64, 64 of 64 at steps 10-40, the same as this run through Ray Train measured (which
     # it replaces here: 11 s less). A bug in labels, masking, shift or decoding keeps exact match near 0.
     assert max(ems) == 64 and ems[-1] >= 63, ems
+
+
+def test_steady_rate_leaves_out_each_starts_first_step():
+    from train.trainer import steady_rate
+
+    # two starts (a resume): 100 steps of 8 in 30 s, of which the two first steps took 20 s
+    m = {"samples": 800, "train_time_s": 30.0, "first_steps": 2, "first_steps_s": 20.0}
+    assert steady_rate(m, 8) == {"first_steps": 2, "first_steps_s": 20.0, "samples_per_s_after_first_step": 78.4}
+    assert steady_rate({**m, "samples": 16}, 8)["samples_per_s_after_first_step"] is None  # only first steps
+    assert steady_rate({"samples": 80, "train_time_s": 2.0}, 8)["first_steps"] == 0  # an older checkpoint's metrics

@@ -107,6 +107,10 @@ class RunState:
     best_score: float | None = None  # early stopping: the best validation score so far ...
     since_best: int = 0  # ... and the validations since it
     end_step: int | None = None  # train.max_time_s: the step where the budget runs out (last estimate)
+    # The first step of each start (fresh or resumed) holds one-off costs (train.compile's compilation, CUDA
+    # warm-up): their seconds and count, so the summary can give the steady rate beside the overall one.
+    first_steps_s: float = 0.0
+    first_steps: int = 0
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> RunState:
@@ -521,7 +525,8 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunSta
         log.warning("[train] rank %d: the previous checkpoint's upload is still running after %.0fs; writing "
                     "step %d beside it", rank, upload_wait, state.step)
     metrics = {"step": state.step, "epoch": state.epoch, "samples": state.samples, "tokens": state.tokens,
-               "train_time_s": state.train_time_s, **state.last_val, **extra_metrics}
+               "train_time_s": state.train_time_s, "first_steps_s": state.first_steps_s,
+               "first_steps": state.first_steps, **state.last_val, **extra_metrics}
     if "score" not in metrics:  # eval disabled: rank checkpoints by recency
         metrics["score"] = float(state.step)
     train_state = {**dataclasses.asdict(state), "data_order": order}
@@ -621,11 +626,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_saved = state.step if state.step else None  # the step of the last checkpoint (resumed from, or saved)
     # The last step: max_steps, or sooner where train.max_time_s runs out (re-estimated every log interval).
     end = min(state.end_step or max_steps, max_steps) if cfg.max_time_s is not None else max_steps
+    start_step = state.step
     while state.step < end and not stopped_early:
         lr = lr_at(state.step, cfg, end)
         for g in optimizer.param_groups:
             g["lr"] = lr
+        t_before = iv.train_time
         train_step(model, optimizer, batches, cfg, device, world, iv)
+        if state.step == start_step:
+            state.first_steps_s += iv.train_time - t_before
+            state.first_steps += 1
         state.step += 1
         state.samples += cfg.global_batch_size  # exact: drop_last keeps every micro batch full
         # A log line (and its NaN check) before every validation and checkpoint (ckpt_every is a multiple of
