@@ -1,7 +1,7 @@
 """How long a checkpoint blocks training: rank 0's time in the save, before and after asynchronous upload and
 sharded FSDP state, on a local Ray (CPU, gloo), real Ray Train storage (a local storage_path).
 
-    .venv/bin/python -m bench.ckpt_bench [--models t5-tiny t5-small-scratch] [--reps 3] [--gap 5]
+    .venv/bin/python -m bench.ckpt_bench [--models t5-tiny t5-small-scratch] [--reps 3] [--gap 5] [--strategies ddp]
 
 For each model and strategy (DDP on 1 worker: the replicated case; FSDP on 2 workers), one TorchTrainer
 run does one AdamW step (so the optimizer has its moments) and then saves `reps` times each way, with
@@ -11,8 +11,12 @@ previous report and no upload is in flight, so neither way pays for the other):
 - before: what train/loop.py did until the asynchronous upload: the full model + optimizer state gathered
   to rank 0 (`full_state_dicts`), written as a safetensors model folder + train_state.pt, then
   `ray.train.report` with the default synchronous upload (every rank waits at the barrier);
-- after: `train.loop.save_checkpoint` as it is now (FSDP: each rank writes its DCP shard; upload in the
-  background), timed until it returns. Ray waits for the last upload when the function ends.
+- write_then_async_upload: what it did from then until 2026-11-28: the same gather and local write,
+  then `report` with the asynchronous upload (only the upload left the training thread);
+- after: `train.loop.save_checkpoint` as it is now, timed until it returns, plus the previous
+  checkpoint's `report_checkpoint` (as at a log line; its write finished during the gap). DDP: a CPU
+  snapshot (here a clone), then rank 0 writes on a background thread; FSDP: each rank writes its DCP
+  shard. The upload runs in the background; Ray waits for the last one when the function ends.
 
 Prints one JSON line per (model, strategy) with the median seconds of each and the checkpoint's size.
 """
@@ -33,10 +37,10 @@ def bench_loop(config: dict) -> None:
     import ray.train
 
     from cluster.core import load_tokenizer
-    from train.checkpoint import write_checkpoint
+    from train.checkpoint import local_checkpoint_dir, write_checkpoint
     from train.collate import collate_seq2seq
     from train.config import TrainConfig
-    from train.loop import RunState, distribute, full_state_dicts, save_checkpoint, unwrap
+    from train.loop import RunState, distribute, full_state_dicts, report_checkpoint, save_checkpoint, unwrap
     from train.model import build_model
 
     cfg = TrainConfig(**config["cfg"])
@@ -66,12 +70,34 @@ def bench_loop(config: dict) -> None:
                              checkpoint_dir_name=f"step_{step:07d}")
         times["before"].append(time.perf_counter() - t0)
         del model_sd, optim_sd
-    for _ in range(config["reps"]):
-        time.sleep(config["gap_s"])  # the previous background upload done: it does not slow this save
+    for _ in range(config["reps"]):  # the middle way (until 2026-11-28): rank 0 writes, Ray uploads in the background
+        time.sleep(config["gap_s"])
         step += 1
-        blocked = save_checkpoint(model, opt, tok, cfg, RunState(step=step), {}, rank,
-                                  Path(config["out"]) / "metrics.jsonl", {})
-        times["after"].append(blocked)
+        t0 = time.perf_counter()
+        model_sd, optim_sd = full_state_dicts(model, opt)
+        tmp = None
+        if rank == 0:
+            tmp = local_checkpoint_dir()
+            write_checkpoint(tmp, unwrap(model), model_sd, tok, {"step": step, "optimizer": optim_sd})
+        ray.train.report({"step": step, "score": float(step)},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if tmp else None,
+                         checkpoint_dir_name=f"step_{step:07d}", checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
+        times.setdefault("write_then_async_upload", []).append(time.perf_counter() - t0)
+        del model_sd, optim_sd
+    cpu, metrics, pending = torch.device("cpu"), Path(config["out"]) / "metrics.jsonl", None
+    for _ in range(config["reps"]):
+        time.sleep(config["gap_s"])  # the previous write and upload done: they do not slow this save
+        step += 1
+        t0 = time.perf_counter()
+        # as at a log line: hand the previous (written) checkpoint to Ray, then save this one
+        report_checkpoint(pending, rank, cpu, metrics, wait=True)
+        t1 = time.perf_counter()
+        pending = save_checkpoint(model, opt, tok, cfg, RunState(step=step), {}, rank, cpu, metrics, {})
+        times["after"].append(time.perf_counter() - t0)
+        times.setdefault("after_report", []).append(t1 - t0)  # the parts: handing the previous one to Ray ...
+        times.setdefault("after_save", []).append(time.perf_counter() - t1)  # ... and this one's snapshot
+    report_checkpoint(pending, rank, cpu, metrics, wait=True)
     if rank == 0:
         Path(config["out"], "times.json").write_text(json.dumps(times))
 
@@ -99,6 +125,7 @@ def run_one(model: str, strategy: str, workers: int, reps: int, gap_s: float, ro
     params = sum(p.numel() for p in __import__("train.model", fromlist=["x"]).build_model(model, 98).parameters())
     return {"model": model, "params": params, "strategy": strategy, "workers": workers, "reps": reps,
             "before_s": round(statistics.median(times["before"]), 3),
+            "write_then_async_upload_s": round(statistics.median(times["write_then_async_upload"]), 3),
             "after_s": round(statistics.median(times["after"]), 3),
             "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "checkpoint_mb": {k: round(v / 2**20, 1) for k, v in size.items()}}
@@ -111,11 +138,14 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["t5-tiny", "t5-small-scratch"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--gap", type=float, default=5.0, help="seconds between saves")
+    p.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"], choices=["ddp", "fsdp"])
     args = p.parse_args()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as root:
         for model in args.models:
             for strategy, workers in (("ddp", 1), ("fsdp", 2)):
+                if strategy not in args.strategies:
+                    continue
                 print(json.dumps(run_one(model, strategy, workers, args.reps, args.gap, Path(root))), flush=True)
     ray.shutdown()
 

@@ -107,6 +107,10 @@ def train_curve(metrics: list[dict], points: int = 10) -> list[str]:
     if val:
         out.append("- validation exact match by step: " + ", ".join(
             f"{m['step']}: {_pct(m['val_exact_match'])}" for m in val))
+    ckpts = [m for m in metrics if m.get("event") == "checkpoint" and "write_s" in m]
+    if ckpts:
+        out.append("- checkpoints (step: local write s / training blocked s): " + ", ".join(
+            f"{m['step']}: {m['write_s']:.2f} / {m['blocked_s']:.2f}" for m in ckpts))
     for m in metrics:
         if m.get("event") == "diverged":
             out.append(f"- **train DIVERGED**: loss {m['loss']}, largest grad norm {m['grad_norm']} over steps "

@@ -94,6 +94,7 @@ def test_report_sections(tmp_path):
     t2.mkdir()
     lines = [{"event": "start", "step": 0}, *({"step": s, "loss": 2.0 - s / 1000, "grad_norm": 0.5, "lr": 1e-3}
                                               for s in range(100, 800, 100)),
+             {"event": "checkpoint", "step": 500, "write_s": 0.84, "blocked_s": 0.12, "layout": "full"},
              {"step": 500, "val_loss": 1.4, "val_exact_match": 0.02, "val_samples": 2000},
              {"step": 800, "loss": float("nan"), "grad_norm": float("nan"), "lr": 9e-4},
              {"event": "diverged", "step": 800, "first_step": 701, "loss": float("nan"), "grad_norm": float("nan"),
@@ -103,6 +104,7 @@ def test_report_sections(tmp_path):
     text = res.read_text().split("### Speedrun")[-1]
     assert "- train loss (grad norm) by step: 100: 1.9 (0.5), 200: 1.8 (0.5), 300: 1.7 (0.5)" in text
     assert "800: nan (nan)" in text and "- validation exact match by step: 500: 2.0%" in text
+    assert "- checkpoints (step: local write s / training blocked s): 500: 0.84 / 0.12" in text
     assert ("**train DIVERGED**: loss nan, largest grad norm nan over steps 701-800 (lr 9.00e-04); stopped, "
             "last checkpoint step 500") in text
 

@@ -211,3 +211,53 @@ def test_fsdp_bf16_mixed_training_step_checkpoint_and_resume(device, tok, tmp_pa
         assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_replicated_checkpoint_is_written_in_the_background_from_a_snapshot(pg, tok, tmp_path, monkeypatch):
+    """DDP / one worker: rank 0 writes the checkpoint on a thread. save_checkpoint returns while the write
+    is held, the next training step changes the live weights and AdamW moments in place meanwhile, and the
+    checkpoint still holds its own step's state (a snapshot: on CPU the state dict is the live tensors, so
+    it is cloned). A failed write is raised in the training thread when the checkpoint is reported."""
+    import tempfile
+    import threading
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    import train.checkpoint
+    import train.loop
+    from train.checkpoint import load_model_state
+    from train.config import TrainConfig
+    from train.loop import RunState, report_checkpoint, save_checkpoint
+
+    gate, real = threading.Event(), train.checkpoint.write_checkpoint
+    monkeypatch.setattr(train.checkpoint, "write_checkpoint", lambda *a, **k: gate.wait(30) and real(*a, **k))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the local checkpoint folder goes
+    monkeypatch.setattr(train.loop, "_pending_uploads", [])  # no Ray here uploads (and deletes) them
+    torch.manual_seed(0)
+    model = DistributedDataParallel(build_model("t5-tiny", len(tok)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step(model, opt)
+    weights = {k: v.clone() for k, v in model.module.state_dict().items()}
+    moment = opt.state[model.module.lm_head.weight]["exp_avg"].clone()
+    cfg, cpu = TrainConfig(model="t5-tiny", num_workers=1, global_batch_size=2), torch.device("cpu")
+
+    pending = save_checkpoint(model, opt, tok, cfg, RunState(step=1), {"seed": 0}, 0, cpu, tmp_path / "m.jsonl", {})
+    assert pending.writer.is_alive() and not pending.written() and pending.blocked_s < 5
+    step(model, opt)  # training goes on while the write is held
+    assert not torch.equal(model.module.lm_head.weight, weights["lm_head.weight"])
+    gate.set()
+    pending.writer.join(60)
+    assert pending.written() and pending.error is None
+    saved = load_model_state(pending.directory)
+    assert all(torch.equal(saved[k], weights[k]) for k in saved), "the checkpoint holds its own step's weights"
+    saved_moment = load_train_state(pending.directory)["optimizer"]["state"]["lm_head.weight"]["exp_avg"]
+    assert torch.equal(saved_moment, moment)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.checkpoint, "write_checkpoint", full_disk)
+    train.loop._pending_uploads.clear()  # "uploaded": Ray would have deleted the first one's local copy
+    pending = save_checkpoint(model, opt, tok, cfg, RunState(step=2), {"seed": 0}, 0, cpu, tmp_path / "m.jsonl", {})
+    with pytest.raises(CheckpointError, match=r"writing checkpoint step 2 to .* failed: \[Errno 28\] No space left"):
+        report_checkpoint(pending, 0, cpu, tmp_path / "m.jsonl", wait=True)

@@ -99,7 +99,7 @@ def gated_loop(config: dict) -> None:
 
     from cluster.core import load_tokenizer
     from train.collate import collate_seq2seq
-    from train.loop import RunState, save_checkpoint
+    from train.loop import RunState, report_checkpoint, save_checkpoint
     from train.model import build_model
 
     tempfile.tempdir = config["tmp"]  # where save_checkpoint's local folder goes: checked after the run
@@ -108,7 +108,9 @@ def gated_loop(config: dict) -> None:
     model = build_model("t5-tiny", len(tok))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cfg = TrainConfig(model="t5-tiny", num_workers=1, global_batch_size=2)
-    save_checkpoint(model, opt, tok, cfg, RunState(step=1), {"seed": 0}, 0, Path(config["tmp"]) / "m.jsonl", {})
+    cpu, metrics = torch.device("cpu"), Path(config["tmp"]) / "m.jsonl"
+    pending = save_checkpoint(model, opt, tok, cfg, RunState(step=1), {"seed": 0}, 0, cpu, metrics, {})
+    report_checkpoint(pending, 0, cpu, metrics, wait=True)
     uploaded = (Path(config["run_dir"]) / "step_0000001" / "checkpoint.json").exists()
     batch = collate_seq2seq({"input_ids": [[5, 6, 1], [7, 1]], "labels": [[8, 1], [9, 1]]})
     model(**batch).loss.backward()
@@ -120,7 +122,8 @@ def gated_loop(config: dict) -> None:
         time.sleep(0.05)
     (Path(config["obs"])).write_text(json.dumps({"uploaded_when_save_returned": uploaded, "stepped": True,
                                                  "local_copy_deleted": not local()}))
-    save_checkpoint(model, opt, tok, cfg, RunState(step=2), {"seed": 0}, 0, Path(config["tmp"]) / "m.jsonl", {})
+    report_checkpoint(save_checkpoint(model, opt, tok, cfg, RunState(step=2), {"seed": 0}, 0, cpu, metrics, {}),
+                      0, cpu, metrics, wait=True)
 
 
 def fit_gated(tmp_path: Path) -> tuple[Exception | None, dict]:

@@ -103,6 +103,10 @@ def test_two_worker_run(fault_free):
     norms = {m["step"]: m["grad_norm"] for m in read_metrics(out) if "grad_norm" in m}
     assert sorted(norms) == list(range(1, 17)) and all(0 < g < 1e3 for g in norms.values()), norms
     assert scalars["train/grad_norm"][16] == pytest.approx(norms[16], rel=1e-6)
+    # every checkpoint written by rank 0 on its background thread, then reported, in order
+    ckpts = [m for m in read_metrics(out) if m.get("event") == "checkpoint"]
+    assert [c["step"] for c in ckpts] == [4, 8, 12, 16] and all(c["layout"] == "full" for c in ckpts)
+    assert all(c["write_s"] > 0 and c["blocked_s"] >= 0 for c in ckpts), ckpts
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@
           every log_every:  log_interval (one progress line, metrics.jsonl, TensorBoard/MLflow)
           every eval_every: validate (loss + exact match, sharded, all-reduced) -> early stopping
           every ckpt_every, at an improving validation when early stopping, and at the end: save_checkpoint
-          (written locally, sharded under FSDP; Ray uploads it in the background while training goes on)
+          (written locally, on a background thread under DDP, sharded under FSDP; Ray uploads it in the
+          background while training goes on)
 
 Everything the loop needs arrives in `config` (a plain dict, so Ray can ship it): the TrainConfig fields
 under "cfg" plus what the driver resolved ("max_steps", the in-memory train files or None for a streamed
@@ -20,6 +21,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -499,24 +501,44 @@ def wait_for_uploads(pending: list[str], max_pending: int = 1, timeout_s: float 
         time.sleep(0.05)
 
 
+@dataclasses.dataclass
+class PendingCheckpoint:
+    """A checkpoint written in the background, not yet handed to Ray (`report_checkpoint`)."""
+
+    step: int
+    metrics: dict[str, Any]
+    layout: str
+    directory: str | None = None  # this rank's local folder (None: this rank writes nothing)
+    writer: threading.Thread | None = None  # rank 0's writing thread under DDP
+    error: BaseException | None = None  # the writer's, raised in the training thread
+    blocked_s: float = 0.0  # what the training thread spent on it (the snapshot, or a whole sharded write)
+    upload_wait_s: float = 0.0
+    write_s: float = 0.0  # the local write's own seconds (on the writer thread under DDP)
+
+    def written(self) -> bool:
+        return self.writer is None or not self.writer.is_alive()
+
+
 def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunState, order: dict[str, Any],
-                    rank: int, metrics_path: Path, extra_metrics: dict[str, Any]) -> float:
+                    rank: int, device: torch.device, metrics_path: Path,
+                    extra_metrics: dict[str, Any]) -> PendingCheckpoint | None:
     """Write this step's checkpoint to local disk and hand it to Ray Train, which uploads it in the
-    background while training goes on. Returns the seconds this rank was blocked.
+    background while training goes on. Returns the checkpoint still being written (DDP), else None.
 
-    FSDP: every rank writes its own shard (torch.distributed.checkpoint), nothing is gathered. DDP and one
-    worker: the state is replicated, so rank 0 writes all of it (safetensors model folder + optimizer).
-    The upload (`CheckpointUploadMode.ASYNC`): `report` returns once the files are written locally; Ray
-    copies them to storage on a background thread, deletes the local folder after the copy, and commits
-    the checkpoint (checkpoint_manager_snapshot.json) only when every rank's copy is done, in report
-    order: a crash before that resumes from the previous checkpoint. A failed upload fails the worker
-    group (it is raised in the training thread), which restarts from the last committed checkpoint under
-    max_failures; it is never silently skipped. At the end of the loop Ray waits for the last upload.
-    A new checkpoint is written only once the previous one's upload is done (`wait_for_uploads`): at most
-    one local copy waits for storage, however slow it is.
-    Every rank calls it: writing the shards and `report` are collectives."""
-    import ray.train
-
+    FSDP: every rank writes its own shard (torch.distributed.checkpoint), nothing is gathered, and the
+    checkpoint is reported at once. DDP and one worker: the state is replicated, so rank 0 writes all of
+    it (a safetensors model folder + the optimizer: 9.4 GB for flan-t5-large) on a background thread from
+    a CPU snapshot (the copy off the GPU, or a clone on a CPU run, is all the training thread waits for);
+    `report_checkpoint` hands it to Ray at the first log line after the write is done, or at the next
+    checkpoint or the end of training, which wait for it. Until then a crash resumes from the previous
+    checkpoint, as a crash during a synchronous write would.
+    The upload (`CheckpointUploadMode.ASYNC`): `report` returns at once; Ray copies the files to storage on
+    a background thread, deletes the local folder after the copy, and commits the checkpoint
+    (checkpoint_manager_snapshot.json) only when every rank's copy is done, in report order. A failed write
+    or upload fails the worker group (it is raised in the training thread), which restarts from the last
+    committed checkpoint under max_failures; it is never silently skipped. A new checkpoint is written only
+    once the previous one's upload is done (`wait_for_uploads`): at most one local copy waits for storage,
+    however slow it is. Every rank calls it: the snapshot, the shards and `report` are collectives."""
     from train.checkpoint import local_checkpoint_dir, write_checkpoint, write_sharded_checkpoint
 
     t_ck = time.perf_counter()
@@ -532,32 +554,86 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunSta
     train_state = {**dataclasses.asdict(state), "data_order": order}
     # Not a TemporaryDirectory: the folder must outlive this call until the background upload is done;
     # Ray deletes it then (delete_local_checkpoint_after_upload).
-    tmp = None
+    pending = PendingCheckpoint(state.step, metrics, "sharded" if cfg.strategy == "fsdp" else "full",
+                                upload_wait_s=upload_wait)
     if cfg.strategy == "fsdp":
-        tmp = local_checkpoint_dir()
-        _pending_uploads.append(tmp)
-        write_sharded_checkpoint(tmp, model, optimizer, tokenizer, train_state, rank)
-    else:
-        model_sd, optim_sd = full_state_dicts(model, optimizer)
-        if rank == 0:
-            tmp = local_checkpoint_dir()
-            _pending_uploads.append(tmp)
-            write_checkpoint(tmp, unwrap(model), model_sd, tokenizer, {**train_state, "optimizer": optim_sd})
-        del model_sd, optim_sd
+        pending.directory = local_checkpoint_dir()
+        _pending_uploads.append(pending.directory)
+        write_sharded_checkpoint(pending.directory, model, optimizer, tokenizer, train_state, rank)
+        pending.blocked_s = pending.write_s = time.perf_counter() - t_ck
+        return report_checkpoint(pending, rank, device, metrics_path, wait=True)
+    model_sd, optim_sd = full_state_dicts(model, optimizer)  # on CPU: the live tensors themselves ...
+    if rank == 0:
+        if device.type == "cpu":  # ... which the next steps change in place: the writer gets its own copy
+            model_sd, optim_sd = _clone_tensors(model_sd), _clone_tensors(optim_sd)
+        pending.directory = local_checkpoint_dir()
+        _pending_uploads.append(pending.directory)
+        core = unwrap(model)
+
+        def write(model_state: dict, optim_state: dict) -> None:
+            t0 = time.perf_counter()
+            try:
+                write_checkpoint(pending.directory, core, model_state, tokenizer, {**train_state, "optimizer": optim_state})
+            except BaseException as e:  # raised by report_checkpoint, in the training thread
+                pending.error = e
+            pending.write_s = time.perf_counter() - t0
+
+        pending.writer = threading.Thread(target=write, args=(model_sd, optim_sd), name=f"checkpoint-{state.step}",
+                                          daemon=True)
+        pending.writer.start()
+    del model_sd, optim_sd
+    pending.blocked_s = time.perf_counter() - t_ck
+    return pending
+
+
+def _clone_tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _clone_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_clone_tensors(v) for v in tree)
+    return tree
+
+
+def report_checkpoint(pending: PendingCheckpoint | None, rank: int, device: torch.device, metrics_path: Path,
+                      wait: bool) -> PendingCheckpoint | None:
+    """Hand a written checkpoint to Ray Train (`ray.train.report`, which uploads it in the background).
+    wait=False (at a log line): only if rank 0's writer is done, else it stays pending (returned); the
+    decision is rank 0's, all-reduced, so every rank reports at the same step. wait=True (the next
+    checkpoint, the end): waits for the writer. Collective: every rank calls it at the same points."""
+    import ray.train
+
+    if pending is None:
+        return None
+    if not wait:
+        (done,) = all_sum([float(pending.written())] if rank == 0 else [0.0], device)
+        if not done:
+            return pending
+    t_wait = time.perf_counter()
+    if pending.writer is not None:
+        pending.writer.join()
+    if pending.error is not None:
+        raise CheckpointError(f"writing checkpoint step {pending.step} to {pending.directory} failed: "
+                              f"{pending.error}") from pending.error
+    waited = time.perf_counter() - t_wait
     # Every rank reports (it is a barrier); Ray merges the ranks' folders into one step_* directory.
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if tmp else None,
-                     checkpoint_dir_name=f"step_{state.step:07d}",
+    ray.train.report(pending.metrics,
+                     checkpoint=ray.train.Checkpoint.from_directory(pending.directory) if pending.directory else None,
+                     checkpoint_dir_name=f"step_{pending.step:07d}",
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      delete_local_checkpoint_after_upload=True)
-    blocked = time.perf_counter() - t_ck
     if rank == 0:
-        log.info("[train] checkpoint step %d written locally in %.1fs%s; uploading in the background",
-                 state.step, blocked, f" (of which {upload_wait:.1f}s waiting for the previous upload)"
-                 if upload_wait >= 0.5 else "")
-        append_jsonl(metrics_path, {"event": "checkpoint", "step": state.step, "blocked_s": round(blocked, 3),
-                                    "upload_wait_s": round(upload_wait, 3),
-                                    "layout": "sharded" if cfg.strategy == "fsdp" else "full"})
-    return blocked
+        blocked = pending.blocked_s + waited
+        where = "on a background thread" if pending.writer is not None else "by every rank"
+        log.info("[train] checkpoint step %d written locally in %.1fs %s (training blocked %.1fs%s); uploading "
+                 "in the background", pending.step, pending.write_s, where, blocked,
+                 f", of which {pending.upload_wait_s:.1f}s waiting for the previous upload"
+                 if pending.upload_wait_s >= 0.5 else "")
+        append_jsonl(metrics_path, {"event": "checkpoint", "step": pending.step, "blocked_s": round(blocked, 3),
+                                    "write_s": round(pending.write_s, 3), "upload_wait_s": round(pending.upload_wait_s, 3),
+                                    "layout": pending.layout})
+    return None
 
 
 def gpu_worker_env() -> None:
@@ -621,6 +697,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.log_params({**dataclasses.asdict(cfg), "max_steps": max_steps, "world_size": world, **order})
 
     iv = Interval()
+    pending = None  # a checkpoint still being written in the background (save_checkpoint)
     stopped_early = False
     went_nan = False
     last_saved = state.step if state.step else None  # the step of the last checkpoint (resumed from, or saved)
@@ -643,10 +720,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.step % cfg.log_every == 0 or state.step % cfg.eval_every == 0 or state.step >= end:
             rec = log_interval(iv, state, lr, batches.epoch, end, cfg, device, rank, metrics_path, tracker)
             if diverged(rec):  # the same on every rank: all stop here, no checkpoint, no retry
+                pending = report_checkpoint(pending, rank, device, metrics_path, wait=True)  # taken before the NaN
                 if rank == 0:
                     record_divergence(rec, state.step - iv.micro // cfg.grad_accum + 1, last_saved, metrics_path)
                 went_nan = True
                 break
+            pending = report_checkpoint(pending, rank, device, metrics_path, wait=False)  # if written by now
             if cfg.max_time_s is not None:
                 end = state.end_step = time_budget_end(iv, state, cfg, max_steps, device, rank)
             iv = Interval()
@@ -668,10 +747,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.step % cfg.ckpt_every == 0 or at_end or stopped_early or keep_best:
             t_ck = time.perf_counter()
             state.epoch, state.batch_in_epoch = batches.epoch, batches.position
-            save_checkpoint(model, optimizer, tokenizer, cfg, state, order, rank, metrics_path,
-                            {"stopped_early": stopped_early, "stopped_by_time": at_end and end < max_steps})
+            report_checkpoint(pending, rank, device, metrics_path, wait=True)  # the previous one, if still writing
+            pending = save_checkpoint(model, optimizer, tokenizer, cfg, state, order, rank, device, metrics_path,
+                                      {"stopped_early": stopped_early, "stopped_by_time": at_end and end < max_steps})
             last_saved = state.step
             iv.t0 += time.perf_counter() - t_ck
+    report_checkpoint(pending, rank, device, metrics_path, wait=True)  # the last one
     if rank == 0 and end < max_steps and state.step >= end and not went_nan:
         log.info("[train] time budget spent (train.max_time_s %gs): stopped at step %d of max_steps %d",
                  cfg.max_time_s, state.step, max_steps)
