@@ -117,6 +117,12 @@ def test_time_budget_end_from_rank0s_last_interval():
     assert time_budget_end(iv, RunState(step=100, train_time_s=59.9), cfg, 10_000, cpu, 0) == 100  # spent
     assert time_budget_end(iv, RunState(step=100, train_time_s=75.0), cfg, 10_000, cpu, 0) == 100  # overspent
     assert time_budget_end(Interval(micro=1), RunState(step=3, end_step=40), cfg, 10_000, cpu, 0) == 40
+    # a validation step (eval_every 50) with less than a log interval (log_every 10) of budget left ends
+    # there, rather than validating and checkpointing again a few steps later; other steps run it out
+    cfg = dataclasses.replace(cfg, eval_every=50, log_every=10)
+    assert time_budget_end(iv, RunState(step=150, train_time_s=58.5), cfg, 10_000, cpu, 0) == 150
+    assert time_budget_end(iv, RunState(step=140, train_time_s=58.5), cfg, 10_000, cpu, 0) == 147
+    assert time_budget_end(iv, RunState(step=150, train_time_s=57.0), cfg, 10_000, cpu, 0) == 165
     with pytest.raises(ConfigError, match="max_time_s"):
         TrainConfig(data="d", max_time_s=0)
 

@@ -460,12 +460,17 @@ def time_budget_end(iv: Interval, state: RunState, cfg: TrainConfig, max_steps: 
                     rank: int) -> int:
     """train.max_time_s: the step at which the budget runs out, from rank 0's training seconds so far and
     its last interval's seconds per step (rank 0's numbers, all-reduced with zeros: every rank gets the same
-    step, so they stop together). Called after `log_interval` added the interval to state.train_time_s."""
+    step, so they stop together); at a validation step, with less than a log interval of budget left, this
+    step. Called after `log_interval` added the interval to state.train_time_s."""
     steps = iv.micro / cfg.grad_accum
     used, interval_s, steps = all_sum([state.train_time_s, iv.train_time, steps] if rank == 0 else [0.0] * 3, device)
     if steps < 1 or interval_s <= 0:
         return state.end_step or max_steps
     left_steps = int((cfg.max_time_s - used) / (interval_s / steps))
+    if state.step % cfg.eval_every == 0 and left_steps < cfg.log_every:
+        # this step validates (and may checkpoint) anyway: end here rather than validate and write a
+        # checkpoint again a few steps later, at the budget's end
+        return state.step
     return max(state.step, min(max_steps, state.step + left_steps))
 
 
