@@ -144,6 +144,35 @@ def test_adamw_gets_the_configured_betas():
     assert make_optimizer(model, TrainConfig(data="d"), cpu, None).param_groups[0]["betas"] == (0.9, 0.999)
 
 
+def test_adafactor_steps_relative_to_each_tensor_under_the_loops_lr():
+    """train.optimizer adafactor: transformers' Adafactor with steps scaled by each tensor's RMS
+    (scale_parameter) and the LR the loop sets each step (relative_step off: an LR of 0 moves nothing)."""
+    from transformers.optimization import Adafactor
+
+    from train.loop import make_optimizer
+    from train.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("t5-tiny", 64)
+    opt = make_optimizer(model, TrainConfig(data="d", optimizer="adafactor", lr=1e-2), torch.device("cpu"), None)
+    g = opt.param_groups[0]
+    assert isinstance(opt, Adafactor) and g["scale_parameter"] and not g["relative_step"] and g["lr"] == 1e-2
+    b = collate_seq2seq({"input_ids": [[5, 6, 1], [7, 1]], "labels": [[8, 1], [9, 1]]})
+    before = [p.detach().clone() for p in model.parameters()]
+    for lr in (0.0, 1e-2):
+        g["lr"] = lr
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        moved = [not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)]
+        assert any(moved) is (lr > 0)
+    # relative: q (init std 0.016) and the embedding (std 1) moved by about the same share of their RMS
+    q, emb = model.encoder.block[0].layer[0].SelfAttention.q.weight, model.shared.weight
+    q0, emb0 = before[[p is q for p in model.parameters()].index(True)], before[0]
+    rel = [((p - p0).pow(2).mean() / p0.pow(2).mean()).sqrt().item() for p, p0 in ((q, q0), (emb, emb0))]
+    assert 0.2 < rel[0] / rel[1] < 5, rel
+
+
 # ---- config validation ----
 @pytest.mark.parametrize("values, message", [
     ({"global_batch_size": 10, "num_workers": 4}, "must be divisible by num_workers"),
@@ -156,6 +185,8 @@ def test_adamw_gets_the_configured_betas():
     ({"precision": "fp16"}, "not one of"),
     ({"lr": 0}, "lr must be > 0"),
     ({"adam_beta2": 1.0}, "adam_beta1 and adam_beta2 must be in"),
+    ({"optimizer": "adafactor", "strategy": "fsdp", "num_workers": 2}, "adafactor does not shard"),
+    ({"optimizer": "sgd"}, "not one of"),
     ({"run_name": "a/b"}, "run_name"),
     ({"learning_rate": 1e-3}, "unknown key"),
 ])
@@ -400,27 +431,30 @@ def test_plan_fsdp_shards_and_flan_large_verdicts():
     assert not xl.fits()["A100 40GB"] and "fits A100 40GB    NO   micro batch  none  (p4d.24xlarge" in format_plan(xl)
 
 
-def test_resume_state_roundtrip_continues_identically(tmp_path, tok):
-    """Model + AdamW state through a checkpoint: the next step is bit-identical to never stopping."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_resume_state_roundtrip_continues_identically(tmp_path, tok, optimizer):
+    """Model + optimizer state through a checkpoint (`make_optimizer` loads it): the next step is
+    bit-identical to never stopping; a resume with the other optimizer is refused, naming both."""
     from train.checkpoint import load_model_state
-    from train.loop import full_state_dicts
+    from train.loop import full_state_dicts, make_optimizer
 
+    cfg, cpu = TrainConfig(data="d", optimizer=optimizer, lr=1e-3), torch.device("cpu")
     torch.manual_seed(0)
     m = build_model("t5-tiny", len(tok))
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    opt = make_optimizer(m, cfg, cpu, None)
     b = collate_seq2seq({"input_ids": [[5, 1], [6, 7, 1]], "labels": [[8, 1], [1]]})
     m(**b).loss.backward()
     opt.step()
     opt.zero_grad()
     msd, osd = full_state_dicts(m, opt)
-    write_checkpoint(tmp_path / "c", m, msd, tok, {"step": 1, "optimizer": osd})
+    write_checkpoint(tmp_path / "c", m, msd, tok, {"step": 1, "optimizer": osd, "optimizer_name": optimizer})
     m2 = build_model("t5-tiny", len(tok))
     m2.load_state_dict(load_model_state(tmp_path / "c"), strict=False)
-    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3)
-    state = load_train_state(tmp_path / "c")
-    set_optimizer_state_dict(m2, opt2, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    saved = {**load_train_state(tmp_path / "c"), "checkpoint": str(tmp_path / "c")}
+    opt2 = make_optimizer(m2, cfg, cpu, saved)
+    other = "adamw" if optimizer == "adafactor" else "adafactor"
+    with pytest.raises(CheckpointError, match=f"holds {optimizer}'s state, this run's train.optimizer is {other}"):
+        make_optimizer(m2, dataclasses.replace(cfg, optimizer=other), cpu, saved)
     for model, o in ((m, opt), (m2, opt2)):
         model(**b).loss.backward()
         o.step()

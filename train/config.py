@@ -43,8 +43,17 @@ class TrainConfig:
     over the workers): the largest divisor of the per-worker batch, a multiple of 8, whose estimate for
     plan_source_len x plan_target_len tokens fits with a 10% margin (`python -m train plan` shows the
     choice per card); on CPU the largest such divisor up to 32. A resumed run keeps its checkpoint's."""
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """adamw: torch's AdamW (fused on GPUs). adafactor: transformers' Adafactor, the optimizer T5 was
+    trained with (Hugging Face Trainer's `optim="adafactor"`), each step relative to its tensor's RMS
+    (scale_parameter) under this LR schedule (relative_step off); no momentum, factored second moments.
+    T5 folds attention's 1/sqrt(d) into its q weights' init (std (d_model*d_kv)**-0.5, 0.0055 for
+    t5-small-scratch) and draws embeddings at std 1, so AdamW's step (~lr per element) is ~18% of q's
+    scale and 0.1% of the embeddings' at lr 1e-3; Adafactor's is lr x each tensor's own scale. Typical lr:
+    ~1e-2 from scratch, ~1e-3 fine-tuning. It reads each tensor's RMS on the host (one sync per tensor per
+    step). Not with FSDP: its factored statistics are not written for sharded tensors."""
     lr: float = 3e-3
-    """Peak learning rate (AdamW)."""
+    """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """The LR decays linearly from lr to lr * min_lr_ratio at max_steps."""
     warmup_steps: int = 50
@@ -236,6 +245,9 @@ class TrainConfig:
             raise ConfigError(f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"train.torch_threads must be >= 1, got {self.torch_threads}")
+        if self.optimizer == "adafactor" and self.strategy == "fsdp":
+            raise ConfigError("train.optimizer adafactor does not shard (its factored statistics are per whole "
+                              "tensor): use strategy ddp, or optimizer adamw with fsdp")
         if self.strategy == "fsdp" and self.num_workers < 2:
             raise ConfigError("train.strategy fsdp shards across workers: it needs num_workers >= 2")
         if self.ddp_comm_hook is not None and (self.strategy != "ddp" or not self.use_gpu):

@@ -282,10 +282,21 @@ def distribute(model, cfg: TrainConfig, device: torch.device):
 
 
 def make_optimizer(model, cfg: TrainConfig, device: torch.device, saved: dict | None):
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
-        fused=device.type == "cuda",  # one kernel for all parameters (plain and FSDP2 DTensors alike)
-    )
+    if saved is not None and saved.get("optimizer_name", "adamw") != cfg.optimizer:
+        raise CheckpointError(f"checkpoint {saved['checkpoint']} holds {saved.get('optimizer_name', 'adamw')}'s "
+                              f"state, this run's train.optimizer is {cfg.optimizer}: resume with the same "
+                              "optimizer, or start a new run (a different run_name or storage_path)")
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # scale_parameter: each step is lr x the tensor's RMS; relative_step off: the loop sets the LR
+        optimizer = Adafactor(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=True,
+                              relative_step=False, warmup_init=False)
+    else:
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            fused=device.type == "cuda",  # one kernel for all parameters (plain and FSDP2 DTensors alike)
+        )
     if saved is not None and "optimizer" in saved:  # a full checkpoint (a sharded one: load_sharded_checkpoint)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -556,7 +567,7 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunSta
                "first_steps": state.first_steps, **state.last_val, **extra_metrics}
     if "score" not in metrics:  # eval disabled: rank checkpoints by recency
         metrics["score"] = float(state.step)
-    train_state = {**dataclasses.asdict(state), "data_order": order}
+    train_state = {**dataclasses.asdict(state), "data_order": order, "optimizer_name": cfg.optimizer}
     # Not a TemporaryDirectory: the folder must outlive this call until the background upload is done;
     # Ray deletes it then (delete_local_checkpoint_after_upload).
     pending = PendingCheckpoint(state.step, metrics, "sharded" if cfg.strategy == "fsdp" else "full",
