@@ -52,7 +52,7 @@ def train_config(work: Path, run_name: str):
         data=str(work / "data"), output=str(work / run_name), storage_path=str(work / "storage"),
         run_name=run_name, model="t5-tiny", precision="fp32", num_workers=2, cpus_per_worker=2, torch_threads=1,
         global_batch_size=16, max_steps=MAX_STEPS, warmup_steps=2, eval_every=4, ckpt_every=4, eval_samples=8,
-        eval_batch_size=8, log_every=4, keep_best_k=2, max_failures=1, seed=0,
+        eval_batch_size=8, log_every=2, keep_best_k=2, max_failures=1, seed=0,  # log_every: see test_run_e2e
     )
 
 
