@@ -137,7 +137,8 @@ def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
     if (t := read_json(train_out / "summary.json")) is not None:
         best = t.get("best") or {}
         budget = f"; ended by its time budget, {t['max_time_s']:g} s" if t.get("stopped_by_time") else ""
-        out.append(f"- train: {t['model']}, {t['steps']} steps of {t['global_batch_size']}, {t['samples']:,} samples "
+        opt = f" ({t['optimizer']}, lr {t['lr']:g})" if "optimizer" in t else ""
+        out.append(f"- train: {t['model']}{opt}, {t['steps']} steps of {t['global_batch_size']}, {t['samples']:,} samples "
                    f"in {t['train_time_s']} s of training ({t['samples_per_s']:,.0f} samples/s{steady(t)}{budget}), "
                    f"{t['wall_time_s']} s wall; best validation exact match "
                    f"{_pct(best.get('val_exact_match'))} at step {best.get('step')}")

@@ -38,7 +38,8 @@ def test_speedrun_config_loads_and_is_the_whole_module():
     from train.plan import estimate
 
     assert estimate(t).total / 2**30 < 0.9 * 80, estimate(t)
-    assert t.adam_beta2 == 0.95  # the first run's NaN after its plateau (see the config's header)
+    # steps relative to each tensor's scale: the first run's plateau and NaN (see the config's header)
+    assert t.optimizer == "adafactor" and t.lr == 1e-2
     # a fixed time, not a step count: the LR decay ends where the budget does (train.max_time_s)
     assert t.max_time_s == 300 and t.max_steps >= 50_000 and t.ckpt_every % t.eval_every == 0
     assert e.data == p.output and e.model == t.output and e.split == "test" and e.gpus_per_actor == 1
@@ -83,11 +84,11 @@ def test_report_sections(tmp_path):
     (tmp_path / "t" / "summary.json").write_text(json.dumps({
         "model": "t5-small-scratch", "steps": 1800, "global_batch_size": 512, "samples": 921600,
         "train_time_s": 179.9, "samples_per_s": 5122.8, "wall_time_s": 231.0, "max_time_s": 180.0,
-        "first_steps_s": 2.1, "samples_per_s_after_first_step": 5180.4, "stopped_by_time": True, "best": {"step": 1800, "val_exact_match": 0.95}}))
+        "optimizer": "adafactor", "lr": 0.01, "first_steps_s": 2.1, "samples_per_s_after_first_step": 5180.4, "stopped_by_time": True, "best": {"step": 1800, "val_exact_match": 0.95}}))
     report(["speedrun", str(res), str(tmp_path / "d"), str(tmp_path / "t"), str(tmp_path / "e")])
     text = res.read_text()
     assert "**exact match 96.1%** on 10000 interpolate rows" in text
-    assert ("- train: t5-small-scratch, 1800 steps of 512, 921,600 samples in 179.9 s of training (5,123 samples/s, "
+    assert ("- train: t5-small-scratch (adafactor, lr 0.01), 1800 steps of 512, 921,600 samples in 179.9 s of training (5,123 samples/s, "
             "5,180 after the first step of 2.1 s; ended by its time budget, 180 s), 231.0 s wall; best validation exact match 95.0% at step 1800") in text
     # A run that went NaN: no summary.json, but its curve and the divergence are in the report.
     t2 = tmp_path / "t2"

@@ -90,6 +90,7 @@ def test_two_worker_run(fault_free):
     assert [v["step"] for v in vals] == [4, 8, 12, 16] and all(v["val_samples"] == 16 for v in vals)
     assert summary["best"]["step"] in (4, 8, 12, 16) and summary["samples_per_s"] > 0
     assert summary["data_loading"] == "memory" and not summary["stopped_early"]
+    assert (summary["optimizer"], summary["lr"]) == ("adamw", cfg.lr)
     assert summary["first_steps"] == 1 and 0 < summary["first_steps_s"] < summary["train_time_s"]
     assert summary["samples_per_s_after_first_step"] == pytest.approx(
         (16 - 1) * cfg.global_batch_size / (summary["train_time_s"] - summary["first_steps_s"]), rel=0.01)

@@ -221,6 +221,8 @@ def run(cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict[str, Any]:
         "final_dir": str(out / "final"),
         "num_workers": cfg.num_workers,
         "global_batch_size": cfg.global_batch_size,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
         "precision": cfg.precision,
         "strategy": cfg.strategy,
         "run_name": cfg.run_name,
