@@ -192,12 +192,12 @@ def test_fsdp_bf16_mixed_training_step_checkpoint_and_resume(device, tok, tmp_pa
             lambda mod, _: seen.append(mod.weight.dtype))
         batches = [collate_seq2seq({k: v[i:i + 1] for k, v in BATCH.items()}) for i in range(2)]
 
-        def step(model, optimizer):
+        def loop_step(model, optimizer):
             iv = Interval()
             train_step(model, optimizer, iter(batches), cfg, dev, 1, iv)
             return float(iv.loss), float(iv.grad_norm)
 
-        loss, norm = step(m, opt)
+        loss, norm = loop_step(m, opt)
         hook.remove()
         assert seen == [torch.bfloat16] * 2, "the policy's bf16 weights in the forward of both micro batches"
         assert math.isfinite(loss) and 0 < norm < math.inf
@@ -205,7 +205,7 @@ def test_fsdp_bf16_mixed_training_step_checkpoint_and_resume(device, tok, tmp_pa
         d = write_sharded_checkpoint(tmp_path / "c", m, opt, tok, {"step": 1}, 0)
         m2, opt2 = fresh(1)
         load_sharded_state(m2, opt2, d)
-        (loss_a, norm_a), (loss_b, norm_b) = step(m, opt), step(m2, opt2)
+        (loss_a, norm_a), (loss_b, norm_b) = loop_step(m, opt), loop_step(m2, opt2)
         assert loss_b == pytest.approx(loss_a, rel=1e-6) and norm_b == pytest.approx(norm_a, rel=1e-5)
         a, b = full(m), full(m2)
         assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)

@@ -16,6 +16,7 @@ split, the validation subset and its decoding bound).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -282,10 +283,11 @@ def distribute(model, cfg: TrainConfig, device: torch.device):
 
 
 def make_optimizer(model, cfg: TrainConfig, device: torch.device, saved: dict | None):
-    if saved is not None and saved.get("optimizer_name", "adamw") != cfg.optimizer:
-        raise CheckpointError(f"checkpoint {saved['checkpoint']} holds {saved.get('optimizer_name', 'adamw')}'s "
-                              f"state, this run's train.optimizer is {cfg.optimizer}: resume with the same "
-                              "optimizer, or start a new run (a different run_name or storage_path)")
+    saved_name = (saved or {}).get("optimizer_name", "adamw")  # checkpoints before the option: AdamW's
+    if saved is not None and saved_name != cfg.optimizer:
+        raise CheckpointError(f"checkpoint {saved['checkpoint']} holds {saved_name}'s state, this run's "
+                              f"train.optimizer is {cfg.optimizer}: resume with the same optimizer, or start a "
+                              "new run (a different run_name or storage_path)")
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -581,7 +583,7 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunSta
     model_sd, optim_sd = full_state_dicts(model, optimizer)  # on CPU: the live tensors themselves ...
     if rank == 0:
         if device.type == "cpu":  # ... which the next steps change in place: the writer gets its own copy
-            model_sd, optim_sd = _clone_tensors(model_sd), _clone_tensors(optim_sd)
+            model_sd, optim_sd = copy.deepcopy(model_sd), copy.deepcopy(optim_sd)
         pending.directory = local_checkpoint_dir()
         _pending_uploads.append(pending.directory)
         core = unwrap(model)
@@ -600,16 +602,6 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: TrainConfig, state: RunSta
     del model_sd, optim_sd
     pending.blocked_s = time.perf_counter() - t_ck
     return pending
-
-
-def _clone_tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        return tree.clone()
-    if isinstance(tree, dict):
-        return {k: _clone_tensors(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_clone_tensors(v) for v in tree)
-    return tree
 
 
 def report_checkpoint(pending: PendingCheckpoint | None, rank: int, device: torch.device, metrics_path: Path,
