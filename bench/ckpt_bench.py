@@ -54,37 +54,28 @@ def bench_loop(config: dict) -> None:
     batch = collate_seq2seq({"input_ids": [[5, 6, 1], [7, 1]], "labels": [[8, 1], [9, 1]]})
     model(**batch).loss.backward()
     opt.step()
-    times: dict[str, list[float]] = {"before": [], "after": []}
+    times: dict[str, list[float]] = {"before": [], "write_then_async_upload": [], "after": [],
+                                     "after_report": [], "after_save": []}
     step = 0
-    for _ in range(config["reps"]):
-        time.sleep(config["gap_s"])  # as between checkpoints in a run: Ray's queue is drained, nothing in flight
-        step += 1
-        t0 = time.perf_counter()
-        model_sd, optim_sd = full_state_dicts(model, opt)
-        with tempfile.TemporaryDirectory(prefix="mathtune-ckpt-") as tmp:
-            ck = None
+    # The two earlier ways: the full state gathered to rank 0 and written there, then `report` with Ray's
+    # synchronous upload (before) or its asynchronous one (write_then_async_upload).
+    for way, mode in (("before", ray.train.CheckpointUploadMode.SYNC),
+                      ("write_then_async_upload", ray.train.CheckpointUploadMode.ASYNC)):
+        for _ in range(config["reps"]):
+            time.sleep(config["gap_s"])  # as between checkpoints in a run: Ray's queue is drained, nothing in flight
+            step += 1
+            t0 = time.perf_counter()
+            model_sd, optim_sd = full_state_dicts(model, opt)
+            tmp = None
             if rank == 0:
+                tmp = local_checkpoint_dir()
                 write_checkpoint(tmp, unwrap(model), model_sd, tok, {"step": step, "optimizer": optim_sd})
-                ck = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({"step": step, "score": float(step)}, checkpoint=ck,
-                             checkpoint_dir_name=f"step_{step:07d}")
-        times["before"].append(time.perf_counter() - t0)
-        del model_sd, optim_sd
-    for _ in range(config["reps"]):  # the middle way (until 2026-11-28): rank 0 writes, Ray uploads in the background
-        time.sleep(config["gap_s"])
-        step += 1
-        t0 = time.perf_counter()
-        model_sd, optim_sd = full_state_dicts(model, opt)
-        tmp = None
-        if rank == 0:
-            tmp = local_checkpoint_dir()
-            write_checkpoint(tmp, unwrap(model), model_sd, tok, {"step": step, "optimizer": optim_sd})
-        ray.train.report({"step": step, "score": float(step)},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if tmp else None,
-                         checkpoint_dir_name=f"step_{step:07d}", checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True)
-        times.setdefault("write_then_async_upload", []).append(time.perf_counter() - t0)
-        del model_sd, optim_sd
+            ray.train.report({"step": step, "score": float(step)},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp) if tmp else None,
+                             checkpoint_dir_name=f"step_{step:07d}", checkpoint_upload_mode=mode,
+                             delete_local_checkpoint_after_upload=True)
+            times[way].append(time.perf_counter() - t0)
+            del model_sd, optim_sd
     cpu, metrics, pending = torch.device("cpu"), Path(config["out"]) / "metrics.jsonl", None
     for _ in range(config["reps"]):
         time.sleep(config["gap_s"])  # the previous write and upload done: they do not slow this save
@@ -95,8 +86,8 @@ def bench_loop(config: dict) -> None:
         t1 = time.perf_counter()
         pending = save_checkpoint(model, opt, tok, cfg, RunState(step=step), {}, rank, cpu, metrics, {})
         times["after"].append(time.perf_counter() - t0)
-        times.setdefault("after_report", []).append(t1 - t0)  # the parts: handing the previous one to Ray ...
-        times.setdefault("after_save", []).append(time.perf_counter() - t1)  # ... and this one's snapshot
+        times["after_report"].append(t1 - t0)  # the parts: handing the previous one to Ray ...
+        times["after_save"].append(time.perf_counter() - t1)  # ... and this one's snapshot
     report_checkpoint(pending, rank, cpu, metrics, wait=True)
     if rank == 0:
         Path(config["out"], "times.json").write_text(json.dumps(times))
