@@ -41,7 +41,7 @@ test-cluster: setup
 test-all: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Unit tests only (no Ray): seconds.
+# Everything but the `slow` tests (the Ray Train, eval-pool and end-to-end runs): ~2.5 min on 2 cores.
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
