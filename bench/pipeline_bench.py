@@ -1,5 +1,5 @@
 """Pipeline benchmark: the seed's `datasets.map` way vs `python -m pipeline`, whole processes, same rows,
-same tokenizer; and `--source generate` vs the single-process generator.
+same tokenizer; and `--source generate` vs the single-process generator (with and without the sympy fast paths).
 
     python -m bench.pipeline_bench --rows 200000 2000000      # file runs (hub's wrapped Parquet form)
     python -m bench.pipeline_bench --gen-rows 8000             # generator runs
@@ -191,21 +191,28 @@ def bench_files(rows: int, skip_single: bool) -> list[dict]:
 
 
 def bench_generate(rows: int) -> list[dict]:
-    """`--source generate` (parallel Ray tasks, whole pipeline) vs generating the same rows in one process."""
+    """`--source generate` (parallel Ray tasks, whole pipeline) vs generating the same rows in one process,
+    with and without pipeline.generate's sympy fast paths (the baseline: the generator's own sympy calls)."""
     per_regime, test = rows // 4, rows - 3 * (rows // 4)
-    single = measure([PY, "-c", (
-        "import os; from pipeline.generate import generate_rows\n"
-        f"for r, n in [('train-easy', {per_regime}), ('train-medium', {per_regime}), ('train-hard', {per_regime}),"
-        f" ('interpolate', {test})]: generate_rows('{MODULE}', r, n, seed=1)")], env={"PYTHONHASHSEED": "0"})
+
+    def single(fast_paths: bool) -> dict:
+        off = "" if fast_paths else "g._sympy_fast_paths = lambda: None\n"
+        return measure([PY, "-c", (
+            f"import pipeline.generate as g\n{off}"
+            f"for r, n in [('train-easy', {per_regime}), ('train-medium', {per_regime}), ('train-hard', {per_regime}),"
+            f" ('interpolate', {test})]: g.generate_rows('{MODULE}', r, n, seed=1)")], env={"PYTHONHASHSEED": "0"})
+
+    plain, fast = single(False), single(True)
     out = OUT / "generate_out"
     shutil.rmtree(out, ignore_errors=True)
     ours = measure([PY, "-m", "pipeline", "--source", "generate", "--train-rows-per-regime", str(per_regime),
                     "--test-rows", str(test), "--rows-per-shard", str(max(500, per_regime // 4)),
                     "--output", str(out), "--address", "local"])
-    res = [{"way": "single-process generator (generation only)", **single},
+    res = [{"way": "single-process generator, its own sympy calls (generation only)", **plain},
+           {"way": "single-process generator, sympy fast paths (generation only)", **fast},
            {"way": "python -m pipeline --source generate (generate+clean+tokenize+write)", **ours}]
     for x in res:
-        x.update(rows=rows, rows_per_s=round(rows / x["wall_s"]), speedup=round(single["wall_s"] / x["wall_s"], 2))
+        x.update(rows=rows, rows_per_s=round(rows / x["wall_s"]), speedup=round(plain["wall_s"] / x["wall_s"], 2))
     print(json.dumps(res, indent=1), flush=True)
     return res
 

@@ -59,6 +59,7 @@ class Predictor:
     ) -> None:
         t0 = time.perf_counter()
         import torch
+
         # transformers' model code (modeling_utils: ~2.3 s of its ~2.5 s on a CPU VM) is imported lazily at
         # the first from_pretrained: imported here, so "model load" in the ready line is the weights alone.
         from transformers import modeling_utils  # noqa: F401

@@ -2,18 +2,21 @@
 
 Each shard seeds Python's `random` and numpy's global state (the generator draws from both) with a seed
 derived from (seed, module, regime, shard index), so a shard's rows depend on nothing else: same config,
-same rows, in any process, in any order. algebra__linear_1d costs 0.7-0.8 ms per row on one core (some
-modules far more: comparison__sort_more seconds), which is why shards run as parallel Ray tasks.
+same rows, in any process, in any order. algebra__linear_1d costs ~0.65 ms per row on one core of this
+VM with the sympy fast paths below (1.4 ms without; some modules far more: comparison__sort_more
+seconds), which is why shards run as parallel Ray tasks.
 
-The generator's output also depends on Python's string-hash seed (it iterates over sets somewhere inside
-sympy/the modules: measured, same seed with PYTHONHASHSEED=1 vs 2 gives different rows). So the worker
-processes that generate run with PYTHONHASHSEED fixed (WORKER_ENV, set through Ray's runtime_env).
+The generator's output also depends on Python's string-hash seed (it iterates over sets of strings
+somewhere inside sympy/the modules: measured, the same seed with PYTHONHASHSEED 0 vs 1 gives different rows
+in 117 of its 239 module x regime pairs). So the worker processes that generate run with PYTHONHASHSEED
+fixed (WORKER_ENV, set through Ray's runtime_env). Its composed modules also depended on object addresses
+(_expand_entities_in_order), which no environment variable fixes.
 """
-
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import sys
@@ -62,6 +65,74 @@ def _numpy2_compat() -> None:
     polynomials.np = shim
 
 
+def _expand_entities_in_order(context, **kwargs):
+    """The generator's composition.expand_entities (Apache-2.0, DeepMind), with one change: the entities
+    are de-duplicated in insertion order instead of through a set(). Entity hashes are object addresses,
+    so the set's order, and with it the order `random.shuffle` starts from, changed from process to
+    process: the composed modules (e.g. numbers__gcd_composed, polynomials__add) gave different rows for
+    the same seed ("Let p be ... Suppose ..." or "Suppose ... Let p be ...": 70 of the generator's 239
+    module x regime pairs). The same random draws shuffle a list of the same entities, so the rows'
+    distribution is the generator's."""
+    from mathematics_dataset.util import composition
+
+    kwargs = kwargs.copy()
+    entities = dict.fromkeys(context.child_entities)
+    for key, maybe_entity in kwargs.items():
+        if isinstance(maybe_entity, composition.Entity):
+            entities[maybe_entity] = None
+            kwargs[key] = maybe_entity.handle
+    entities = list(entities)
+    random.shuffle(entities)
+
+    child_descriptions = []
+    for entity in entities:
+        child_descriptions.append(entity.child_description)
+        if not entity.expression_used:
+            child_descriptions.append(entity.description)
+    return " ".join([s for s in child_descriptions if s]), kwargs
+
+
+def _exact_det(rows) -> int:
+    """The determinant of a small integer matrix, exactly (Python ints); sympy's beyond 2 x 2."""
+    if len(rows) == 1:
+        return rows[0][0]
+    if len(rows) == 2:
+        return rows[0][0] * rows[1][1] - rows[0][1] * rows[1][0]
+    import sympy
+
+    return sympy.det(sympy.Matrix(rows))
+
+
+def _int_gcd(*args, **kwargs):
+    """sympy.gcd, through math.gcd when given two Python ints (the same value, ~200x faster)."""
+    import sympy
+
+    if len(args) == 2 and not kwargs and all(type(a) is int for a in args):
+        return math.gcd(*args)
+    return sympy.gcd(*args, **kwargs)
+
+
+def _sympy_fast_paths() -> None:
+    """Two sympy calls on plain ints that were 45% of algebra__linear_1d's generation time: `sympy.gcd(value,
+    coprime_to)` in number.integer (~4-5 calls per row, almost all with coprime_to 1; sympy converts both
+    ints to polynomials first, ~240 us a call) and `sympy.det(sympy.Matrix(m))` in linear_system's
+    invertibility check (a 1 x 1 matrix for linear_1d). The same values come back, exactly (integers;
+    no random draw is added or removed), so the rows are the same (tested against the unpatched generator
+    on every module). Only those two generator modules see the change, as with _numpy2_compat."""
+    import sympy
+    from mathematics_dataset.sample import linear_system, number
+
+    if getattr(number.sympy, "_mathtune_shim", False):
+        return
+    for module, overrides in ((number, {"gcd": _int_gcd}),
+                              (linear_system, {"det": _exact_det, "Matrix": lambda rows: rows})):
+        shim = types.ModuleType("sympy")
+        shim.__dict__.update(sympy.__dict__)
+        shim.__dict__.update(overrides)
+        shim._mathtune_shim = True
+        module.sympy = shim
+
+
 def _load_generator():
     """Import and initialize the generator once per process (building all modules takes ~1 s)."""
     global _generate
@@ -83,6 +154,10 @@ def _load_generator():
     if not flags.FLAGS.is_parsed():
         flags.FLAGS(["mathtune"])  # the generator reads absl flags; parse none of ours
     _numpy2_compat()
+    from mathematics_dataset.util import composition
+
+    composition.expand_entities = _expand_entities_in_order  # Entity.__init__ and example.question call it
+    _sympy_fast_paths()
     generate.init_modules(train_split=True)
     _generate = generate
     return generate

@@ -523,17 +523,54 @@ def test_pool_uses_every_cpu_but_the_drivers():
         pool_size(16, 16)
 
 
-def test_generated_rows_repeat_across_processes_for_a_module_that_uses_sympys_own_rng():
-    """numbers__is_prime draws from sympy's private Random (seeded from the OS at import): the same seed
-    gave different rows in each fresh process until generate_rows seeded it too."""
+def _generate_in_fresh_process(calls: str, fast_paths: bool = True) -> str:
+    """print() of generate_rows calls in a fresh Python (PYTHONHASHSEED fixed, as Ray's workers run)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    code = ("from pipeline.generate import generate_rows; "
-            "q, a, _ = generate_rows('numbers__is_prime', 'train-easy', 20, seed=5); print(q + a)")
+    off = "" if fast_paths else "g._sympy_fast_paths = lambda: None; "
+    code = f"import pipeline.generate as g; {off}print([{calls}])"
     root = str(Path(__file__).resolve().parents[1])
     env = {"PYTHONHASHSEED": "0", "PYTHONPATH": root, "PATH": "/usr/bin:/bin"}
-    outs = [subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                           check=True, timeout=120).stdout for _ in range(2)]
-    assert outs[0] == outs[1] and outs[0].count("?") == 20
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                          check=True, timeout=300).stdout
+
+
+def test_generated_rows_repeat_across_processes_sympys_rng_and_composed_modules():
+    """numbers__is_prime draws from sympy's private Random (seeded from the OS at import): the same seed
+    gave different rows in each fresh process until generate_rows seeded it too. The composed modules
+    ordered their statements by object address (a set of entities) until _expand_entities_in_order."""
+    calls = ", ".join(f"g.generate_rows({m!r}, {r!r}, 12, seed=5)" for m, r in [
+        ("numbers__is_prime", "train-easy"), ("numbers__gcd_composed", "train-easy"),
+        ("polynomials__add", "train-medium"), ("algebra__linear_1d_composed", "interpolate")])
+    outs = [_generate_in_fresh_process(calls) for _ in range(2)]
+    assert outs[0] == outs[1] and outs[0].count("?") >= 12 and outs[0].count("Let ") >= 12
+
+
+def test_sympy_fast_paths_give_the_generators_rows_exactly():
+    """math.gcd / an integer determinant in place of sympy's (2x linear_1d's generation speed) change no row:
+    modules through number.integer (coprime_to too), 1x1 and 2x2 systems, a composed module."""
+    calls = ", ".join(f"g.generate_rows({m!r}, {r!r}, 15, seed=3)" for m, r in [
+        ("algebra__linear_1d", "train-hard"), ("algebra__linear_2d", "train-medium"),
+        ("numbers__div_remainder", "train-easy"), ("arithmetic__add_sub_multiple", "interpolate"),
+        ("numbers__lcm_composed", "train-medium")])
+    fast, plain = _generate_in_fresh_process(calls), _generate_in_fresh_process(calls, fast_paths=False)
+    assert fast == plain and fast.count("Solve") >= 30
+
+
+def test_fast_gcd_and_det_equal_sympys():
+    import random
+
+    import sympy
+
+    from pipeline.generate import _exact_det, _int_gcd
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a, b = rng.randint(-10**6, 10**6), rng.choice([1, 2, 6, rng.randint(0, 10**4)])
+        assert _int_gcd(a, b) == sympy.gcd(a, b)
+        n = rng.choice([1, 2, 3])
+        m = [[rng.randint(-50, 50) for _ in range(n)] for _ in range(n)]
+        assert _exact_det(m) == sympy.det(sympy.Matrix(m))
+    assert _int_gcd(sympy.Integer(12), 8) == 4 and _int_gcd(sympy.Rational(1, 2), 3) == sympy.gcd(sympy.Rational(1, 2), 3)
