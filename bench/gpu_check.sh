@@ -4,8 +4,8 @@
 #   bash bench/gpu_check.sh 1   setup; `python -m pipeline` generates the speedrun's 2M rows on the
 #                               node's CPUs in the background while the GPU runs `pytest -m gpu`, the
 #                               flan-t5-large training bench (eager micro-batch sweep, compiled), the
-#                               speedrun model's step-rate probe, the length-bucketed bench; then the
-#                               10k-row eval bench. <= 380 s
+#                               speedrun model's step-rate probe (its optimizer and AdamW side by
+#                               side), the length-bucketed bench; then the 10k-row eval bench. <= 380 s
 #   bash bench/gpu_check.sh 2   the speedrun: `python -m train --max-time-s 180` (180 s of training
 #                               steps) and `python -m eval` on the 10k interpolate rows. <= 420 s
 #   bash bench/gpu_check.sh all --dry-run   both, at toy sizes on this CPU machine with the dev venv's
@@ -143,20 +143,20 @@ else
 fi
 step imports 120 "$PY" -c "import ray, ray.data, ray.train.torch, pydantic, jsonschema, tensorboardX, mathematics_dataset, torch, transformers; print('ray', ray.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 2
 cfg() { "$PY" -c "from cluster.config import read_yaml; print(read_yaml('configs/speedrun.yaml')['$1']['$2'])"; }
-BATCH=$(cfg train global_batch_size); MODEL=$(cfg train model)
+BATCH=$(cfg train global_batch_size); MODEL=$(cfg train model); OPTIM=$(cfg train optimizer)
 
 # ---------- toy sizes for the dry run (same commands, smaller numbers) ----------
 if [ $DRY -eq 1 ]; then
     PIPE_X=(--train-rows-per-regime 600 --test-rows 300 --validation-size 60 --rows-per-shard 300)
     BENCH=(--model t5-tiny --device cpu --precision fp32 --steps 1 --warmup 1 --distinct-batches 2)
-    MODEL=t5-tiny; SWEEP=(--micro-batch 4 8); PROBE=(--model "$MODEL" --micro-batch 16)
+    MODEL=t5-tiny; SWEEP=(--micro-batch 4 8); PROBE=(--model "$MODEL" --micro-batch 16 --optimizer "$OPTIM" adamw)
     EVALB=(--rows 200 --variants "--num-actors 1 --cpus-per-actor 1 --torch-threads 2 --no-dashboard")
     TRAIN_X=(--no-use-gpu --model "$MODEL" --precision fp32 --global-batch-size 32 --warmup-steps 5
              --eval-every 50 --ckpt-every 50 --eval-samples 60 --eval-batch-size 60 --log-every 10)
     EVAL_X=(--gpus-per-actor 0 --max-rows 200 --batch-size 100)
     T_PIPE=600; T_TRAIN=600; T_EVAL=300
 else
-    PIPE_X=(); BENCH=(--steps 15); SWEEP=(--micro-batch 128 256 512); PROBE=(--model "$MODEL" --micro-batch "$BATCH")
+    PIPE_X=(); BENCH=(--steps 15); SWEEP=(--micro-batch 128 256 512); PROBE=(--model "$MODEL" --micro-batch "$BATCH" --optimizer "$OPTIM" adamw)
     # python -m eval outside a config starts Ray with its dashboard, whose packages the image lacks
     EVALB=(--gpu --rows 10000 --skip-baseline
            --variants "--num-actors 1 --gpus-per-actor 1 --cpus-per-actor 1 --no-dashboard")

@@ -50,14 +50,16 @@ def train_section(rows: list[dict], title: str) -> str:
     out = [f"### {title}", "", f"{_now()}; {environment()}", ""]
     if not rows:
         return "\n".join(out + ["No result: the step failed, timed out or was left out (see the steps table and its log).", ""])
-    out += ["| model | compile | micro batch | shapes (question, answer) | step ms | samples/s | useful tok/s "
-            "| MFU useful | MFU padded | max mem GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["| model | optimizer | compile | micro batch | shapes (question, answer) | step ms | samples/s | useful tok/s "
+            "| MFU useful | MFU padded | max mem GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['model']} | {r.get('compile')} | {r['micro_batch']} | {r['error']} | | | | | | |")
+            out.append(f"| {r['model']} | {r.get('optimizer', 'adamw')} | {r.get('compile')} | {r['micro_batch']} | "
+                       f"{r['error']} | | | | | | |")
             continue
         shapes = " ".join(f"{s}x{t}" for s, t in r["shapes"])
-        out.append(f"| {r['model']} | {r['compile']} | {r['micro_batch']} | {shapes} | {r['step_ms']} | "
+        out.append(f"| {r['model']} | {r.get('optimizer', 'adamw')} | {r['compile']} | {r['micro_batch']} | {shapes} | "
+                   f"{r['step_ms']} | "
                    f"{r['samples_per_s']:,.0f} | {r['useful_tokens_per_s']:,} | {_pct(r['mfu_useful'])} | "
                    f"{_pct(r['mfu_padded'])} | {r['max_memory_gib']} |")
     dev = rows[0].get("device", "?")
@@ -67,7 +69,7 @@ def train_section(rows: list[dict], title: str) -> str:
     for r in prof:
         top = ", ".join(f"{k} {v} ms" for k, v in r["top_gpu_kernels_ms_per_step"][:4])
         cpu = ", ".join(f"{k} {v} ms" for k, v in r["top_cpu_ops_ms_per_step"][:4])
-        out.append(f"- profile, compile {r['compile']}, micro batch {r['micro_batch']}: GPU busy {_pct(r['gpu_busy'])} "
+        out.append(f"- profile, {r.get('optimizer', 'adamw')}, compile {r['compile']}, micro batch {r['micro_batch']}: GPU busy {_pct(r['gpu_busy'])} "
                    f"of the step, {r['kernels_per_step']:,} kernels per step; top GPU: {top}; top CPU: {cpu}")
     return "\n".join(out + ([""] if prof else []))
 

@@ -15,7 +15,8 @@ count in bench/gpu_check.sh), --lengths-from a pipeline output's. The same few b
 seen in the warm-up (the compilation, if any, happens there: `warmup_s`).
 
 The step is the training loop's: forward with labels (no KV cache) under bf16 autocast, backward, clip the
-gradient norm to 1.0, fused AdamW, zero_grad. Dropout 0.1 as flan-t5 finetunes. --compile compiles as
+gradient norm to 1.0, the optimizer (train.loop.make_optimizer: fused AdamW, or `--optimizer adafactor`),
+zero_grad. Dropout 0.1 as flan-t5 finetunes. --compile compiles as
 `train.compile: true` does (each T5 block, dynamic shapes: train/loop.py compile_blocks), so the number is
 the one training gets.
 
@@ -33,6 +34,7 @@ import random
 import sys
 import time
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 from bench.flops import batch_train_flops, peak_tflops, round_up, sample_lengths
 
@@ -109,14 +111,18 @@ def make_batches(a: dict, micro_batch: int, n_batches: int, pad_src: int, pad_tg
     return out
 
 
-def run_one(model, a: dict, args, micro_batch: int, device) -> dict:
+def run_one(model, a: dict, args, micro_batch: int, device, optimizer: str = "adamw") -> dict:
     import torch
+
+    from train.loop import make_optimizer
 
     on_cuda = device.type == "cuda"
     batches = make_batches(a, micro_batch, args.distinct_batches, args.pad_to_multiple_of,
                            args.label_pad_to_multiple_of, args.bucket, device, args.seed,
                            lengths_from(args.lengths_from) if args.lengths_from else args.lengths)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_cuda)
+    # The optimizer training builds (train.loop.make_optimizer: fused AdamW on CUDA, or Adafactor)
+    hp = SimpleNamespace(optimizer=optimizer, lr=1e-4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999)
+    opt = make_optimizer(model, hp, device, None)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
 
     def step(b):
@@ -149,7 +155,7 @@ def run_one(model, a: dict, args, micro_batch: int, device) -> dict:
     padded = sum(b["padded_flops"] for b in timed) / dt / 1e12
     return {
         "bench": "train_gpu_bench", "device": name, "model": args.model, "precision": args.precision,
-        "compile": args.compile, "bucket": args.bucket, "micro_batch": micro_batch,
+        "compile": args.compile, "bucket": args.bucket, "micro_batch": micro_batch, "optimizer": optimizer,
         "lengths": args.lengths_from or f"{args.lengths} tokens of linear_1d (bench/flops.py)",
         "shapes": sorted({b["shape"] for b in batches}), "steps": args.steps,
         "warmup_s": round(warm_s, 1), "step_ms": round(1000 * dt / args.steps, 2),
@@ -208,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="google/flan-t5-large", help="a name train/plan.py knows")
     ap.add_argument("--micro-batch", type=int, nargs="+", default=[64, 128, 256], help="one run per value")
+    ap.add_argument("--optimizer", nargs="+", choices=["adamw", "adafactor"], default=["adamw"],
+                    help="train.optimizer's choices; one run per value and micro batch (side by side)")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per micro batch")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (at least --distinct-batches)")
     ap.add_argument("--distinct-batches", type=int, default=4, help="distinct micro batches cycled")
@@ -247,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     common = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **versions()}
     rc = 0
-    for mb in args.micro_batch:
+    for opt_name, mb in [(o, mb) for o in args.optimizer for mb in args.micro_batch]:
         try:
-            r = {**run_one(model, a, args, mb, device), **common}
+            r = {**run_one(model, a, args, mb, device, opt_name), **common}
         except torch.OutOfMemoryError:
             r = {"bench": "train_gpu_bench", "model": args.model, "micro_batch": mb, "compile": args.compile,
-                 "error": "out of memory", **common}
+                 "optimizer": opt_name, "error": "out of memory", **common}
             rc = 1
         finally:
             if device.type == "cuda":

@@ -53,16 +53,18 @@ def test_report_sections(tmp_path):
            "compile": False, "micro_batch": 256, "shapes": [[40, 4]], "step_ms": 51.2, "samples_per_s": 5000.0,
            "useful_tokens_per_s": 120000, "mfu_useful": 0.351, "mfu_padded": 0.62, "max_memory_gib": 30.1,
            "peak_tflops": 989.0, "lengths": "t5"}
-    profiled = {**row, "compile": True, "gpu_busy": 0.31, "kernels_per_step": 4210,
+    profiled = {**row, "compile": True, "optimizer": "adafactor", "gpu_busy": 0.31, "kernels_per_step": 4210,
                 "top_gpu_kernels_ms_per_step": [["sm90_gemm_bf16", 20.5], ["triton_red_fused", 9.1]],
                 "top_cpu_ops_ms_per_step": [["aten::mm", 30.2], ["cudaLaunchKernel", 25.0]]}
     runs.write_text(json.dumps(row) + "\n" + json.dumps({"model": "m", "micro_batch": 512, "compile": True,
                                                          "error": "out of memory"}) + "\n" + json.dumps(profiled) + "\n")
     assert report(["train", str(res), str(runs)]) == 0
     text = res.read_text()
-    assert "| google/flan-t5-large | False | 256 | 40x4 | 51.2 | 5,000 | 120,000 | 35.1% | 62.0% | 30.1 |" in text
+    # a row without an optimizer (before the option) was AdamW's
+    assert "| google/flan-t5-large | adamw | False | 256 | 40x4 | 51.2 | 5,000 | 120,000 | 35.1% | 62.0% | 30.1 |" in text
+    assert "| google/flan-t5-large | adafactor | True | 256 | 40x4 |" in text
     assert "out of memory" in text and "peak 989.0" in text
-    assert ("- profile, compile True, micro batch 256: GPU busy 31.0% of the step, 4,210 kernels per step; top GPU: "
+    assert ("- profile, adafactor, compile True, micro batch 256: GPU busy 31.0% of the step, 4,210 kernels per step; top GPU: "
             "sm90_gemm_bf16 20.5 ms, triton_red_fused 9.1 ms; top CPU: aten::mm 30.2 ms, cudaLaunchKernel 25.0 ms") in text
     ev = tmp_path / "ev.json"
     ev.write_text(json.dumps({"model": "flan-t5-large", "rows": 10000, "batch_size": 512, "runs": [
