@@ -73,9 +73,9 @@ gpu-check:
 	@test -f .gpu/ray.tar.xz || (echo "first: make gpu-pack"; exit 2)
 	@echo "Run these two calls back to back (the machine stays warm only ~30 s between calls):"
 	@echo "  1. run  command: bash bench/gpu_check.sh 1   carry: [\".gpu\"]   timeout_s: 420"
-	@echo "  2. run  command: bash bench/gpu_check.sh 2   carry: []         timeout_s: 450"
-	@echo "     (call 1's reply says lease.budget_left_s: if under ~480, prefix call 2 with"
-	@echo "      GPU_CHECK_DEADLINE=<budget_left_s - 50> and, under ~400, GPU_CHECK_TRAIN_SECONDS=120)"
+	@echo "  2. run  command: GPU_CHECK_DEADLINE=D bash bench/gpu_check.sh 2   carry: []   timeout_s: D + 30"
+	@echo "     with D = min(560, lease.budget_left_s of call 1's reply - 50): the speedrun trains what D"
+	@echo "     leaves after its start-up and eval (D - ~175 s, at most 300 s: the full speedrun at D >= 475)"
 	@echo "Each call returns \$$OUT/RESULTS.md (bench/RESULTS.md + the new GPU sections): copy its"
 	@echo "'## GPU device check' section into bench/RESULTS.md. Then give_back."
 
