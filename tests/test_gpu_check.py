@@ -40,6 +40,7 @@ def test_speedrun_config_loads_and_is_the_whole_module():
     assert estimate(t).total / 2**30 < 0.9 * 80, estimate(t)
     # steps relative to each tensor's scale: the first run's plateau and NaN (see the config's header)
     assert t.optimizer == "adafactor" and t.lr == 1e-2
+    assert t.in_memory_max_mb >= 512  # the 2M rows' ~340 MB of token ids in memory, not streamed
     # a fixed time, not a step count: the LR decay ends where the budget does (train.max_time_s)
     assert t.max_time_s == 300 and t.max_steps >= 50_000 and t.ckpt_every % t.eval_every == 0
     assert e.data == p.output and e.model == t.output and e.split == "test" and e.gpus_per_actor == 1

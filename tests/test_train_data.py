@@ -104,6 +104,29 @@ def test_labels_are_padded_to_the_longest_answer_only(tmp_path):
     assert b["input_ids"].shape == (8, 8) and b["labels"].shape == (8, 2)
 
 
+@pytest.mark.parametrize("multiple, window", [(8, 0), (1, 4)])
+def test_in_memory_batches_are_exactly_the_collators(tmp_path, multiple, window):
+    """The in-memory path pads straight from the flat token columns (FlatTokens.padded): the same tensors,
+    dtype and shape as collate_seq2seq of the same rows, the pad id inside a row and the last row of the
+    flat array (whose padding reads past the end) included."""
+    from train.collate import collate_seq2seq
+
+    rng = np.random.default_rng(0)
+    q = [rng.integers(0, 90, rng.integers(1, 30)).tolist() + [1] for _ in range(96)]  # 0 = pad, inside rows too
+    a = [rng.integers(3, 90, rng.integers(0, 5)).tolist() + [1] for _ in range(96)]
+    pq.write_table(pa.table({"input_ids": q, "labels": a}), tmp_path / "t.parquet")
+    shard = InMemoryShard([str(tmp_path / "t.parquet")], 0, 1, micro_batch=16, seed=2, pad_id=0,
+                          pad_to_multiple_of=multiple, bucket_window=window)
+    idx = shard.epoch_indices(0).reshape(-1, 16)
+    batches = list(shard.epoch(0, 0))
+    assert len(batches) == 6 and 95 in idx  # the flat array's last row is in a batch
+    for sel, b in zip(idx, batches, strict=True):
+        want = collate_seq2seq({"input_ids": [q[i] for i in sel], "labels": [a[i] for i in sel]}, 0, multiple)
+        assert b.keys() == want.keys()
+        for k in want:
+            assert b[k].dtype == want[k].dtype and torch.equal(b[k], want[k]), k
+
+
 def test_split_bytes_counts_token_columns_from_the_footers(tmp_path):
     files = write_ids(tmp_path, 1000, files=2)
     n = split_bytes(files)
