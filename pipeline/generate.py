@@ -116,10 +116,10 @@ def _int_gcd(*args, **kwargs):
 
 def _sympy_fast_paths() -> None:
     """Two sympy calls on plain ints that were about half of algebra__linear_1d's generation time (removing
-    them made a row 2.2x cheaper): `sympy.gcd(value,
-    coprime_to)` in number.integer (~4-5 calls per row, almost all with coprime_to 1; sympy converts both
-    ints to polynomials first, ~240 us a call) and `sympy.det(sympy.Matrix(m))` in linear_system's
-    invertibility check (a 1 x 1 matrix for linear_1d). The same values come back, exactly (integers;
+    them made a row 2.2x cheaper): `sympy.gcd(value, coprime_to)` in number.integer (~4-5 calls per row,
+    almost all with coprime_to 1; sympy converts both ints to polynomials first, ~240 us a call) and
+    `sympy.det(sympy.Matrix(m))` in linear_system's invertibility check (a 1 x 1 matrix for linear_1d).
+    The same values come back, exactly (integers;
     no random draw is added or removed), so the rows are the same (checked against the unpatched generator
     on all 239 module x regime pairs, bench/RESULTS.md; a test keeps five). Only those two generator
     modules see the change, as with _numpy2_compat."""
