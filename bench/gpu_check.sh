@@ -152,7 +152,7 @@ BATCH=$(cfg train global_batch_size); MODEL=$(cfg train model); OPTIM=$(cfg trai
 if [ $DRY -eq 1 ]; then
     PIPE_X=(--train-rows-per-regime 600 --test-rows 300 --validation-size 60 --rows-per-shard 300)
     BENCH=(--model t5-tiny --device cpu --precision fp32 --steps 1 --warmup 1 --distinct-batches 2)
-    MODEL=t5-tiny; SWEEP=(--micro-batch 4 8); PROBE=(--model "$MODEL" --micro-batch 16 --optimizer "$OPTIM" adamw)
+    MODEL=t5-tiny; SWEEP=(--micro-batch 4 8); PROBE=(--model "$MODEL" --micro-batch 32 --optimizer "$OPTIM" adamw)
     EVALB=(--rows 200 --variants "--num-actors 1 --cpus-per-actor 1 --torch-threads 2 --no-dashboard")
     TRAIN_X=(--no-use-gpu --model "$MODEL" --precision fp32 --global-batch-size 32 --warmup-steps 5
              --eval-every 50 --ckpt-every 50 --eval-samples 60 --eval-batch-size 60 --log-every 10)
@@ -219,5 +219,5 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     rm -rf "$SPEED/train" "$SPEED/eval"
     step speedrun_train "$T_TRAIN" "$PY" -m train --config configs/speedrun.yaml "${LENGTH[@]}" "${TRAIN_X[@]}"
     step speedrun_eval "$T_EVAL" "$PY" -m eval --config configs/speedrun.yaml "${EVAL_X[@]}"
-    "$PY" -m bench.gpu_report speedrun "$RES" "$SPEED/data" "$SPEED/train" "$SPEED/eval" >/dev/null
+    "$PY" -m bench.gpu_report speedrun "$RES" "$SPEED/data" "$SPEED/train" "$SPEED/eval" --probe "$STATE/probe.jsonl" >/dev/null
 fi

@@ -127,7 +127,22 @@ def steady(summary: dict) -> str:
     return f", {rate:,.0f} after the first step of {summary['first_steps_s']} s" if rate else ""
 
 
-def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
+def loop_vs_bare_step(summary: dict, probe_rows: list[dict]) -> str | None:
+    """The training loop's steady samples/s against the probe's bare step (same model, batch and optimizer):
+    what the loop adds (data, logging, the step's host work) beyond forward, backward and the update."""
+    rate = summary.get("samples_per_s_after_first_step") or summary.get("samples_per_s")
+    bare = [r for r in probe_rows if "samples_per_s" in r and r.get("model") == summary.get("model")
+            and r.get("micro_batch") == summary.get("global_batch_size")
+            and r.get("optimizer", "adamw") == summary.get("optimizer", "adamw")]
+    if not rate or not bare:
+        return None
+    b = bare[-1]
+    return (f"- the loop ran at **{rate / b['samples_per_s']:.2f}x the probe's bare step** ({rate:,.0f} vs "
+            f"{b['samples_per_s']:,.0f} samples/s, {b.get('optimizer', 'adamw')}, "
+            f"batch {b['micro_batch']})")
+
+
+def speedrun_section(data: Path, train_out: Path, eval_out: Path, probe: Path | None = None) -> str:
     out = ["### Speedrun (configs/speedrun.yaml)", "", f"{_now()}; {environment()}", ""]
     if (m := read_json(data / "manifest.json")) is not None:
         reasons = m.get("rows_rejected_by_reason") or ""
@@ -144,6 +159,8 @@ def speedrun_section(data: Path, train_out: Path, eval_out: Path) -> str:
                    f"in {t['train_time_s']} s of training ({t['samples_per_s']:,.0f} samples/s{steady(t)}{budget}), "
                    f"{t['wall_time_s']} s wall; best validation exact match "
                    f"{_pct(best.get('val_exact_match'))} at step {best.get('step')}")
+        if probe is not None and (ratio := loop_vs_bare_step(t, read_jsonl(probe))):
+            out.append(ratio)
     else:
         out.append("- train: no summary.json (failed or timed out)")
     out += train_curve(read_jsonl(train_out / "metrics.jsonl"))
@@ -170,13 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("data")
     s.add_argument("train_out")
     s.add_argument("eval_out")
+    s.add_argument("--probe", default=None, help="the probe's train_gpu_bench JSON lines (its bare step rate)")
     a = p.parse_args(argv)
     if a.what == "train":
         text = train_section(read_jsonl(Path(a.jsonl)), a.title)
     elif a.what == "eval":
         text = eval_section(Path(a.json))
     else:
-        text = speedrun_section(Path(a.data), Path(a.train_out), Path(a.eval_out))
+        text = speedrun_section(Path(a.data), Path(a.train_out), Path(a.eval_out), a.probe and Path(a.probe))
     with open(a.results, "a") as f:
         f.write("\n" + text)
     print(text)

@@ -88,9 +88,13 @@ def test_report_sections(tmp_path):
         "model": "t5-small-scratch", "steps": 1800, "global_batch_size": 512, "samples": 921600,
         "train_time_s": 179.9, "samples_per_s": 5122.8, "wall_time_s": 231.0, "max_time_s": 180.0,
         "optimizer": "adafactor", "lr": 0.01, "first_steps_s": 2.1, "samples_per_s_after_first_step": 5180.4, "stopped_by_time": True, "best": {"step": 1800, "val_exact_match": 0.95}}))
-    report(["speedrun", str(res), str(tmp_path / "d"), str(tmp_path / "t"), str(tmp_path / "e")])
+    probe = tmp_path / "probe.jsonl"  # the bare step with each optimizer: the ratio takes the run's own
+    probe.write_text("\n".join(json.dumps({"model": "t5-small-scratch", "micro_batch": 512, "optimizer": o,
+                                           "samples_per_s": v}) for o, v in (("adafactor", 6000.0), ("adamw", 7000.0))))
+    report(["speedrun", str(res), str(tmp_path / "d"), str(tmp_path / "t"), str(tmp_path / "e"), "--probe", str(probe)])
     text = res.read_text()
     assert "**exact match 96.1%** on 10000 interpolate rows" in text
+    assert "the loop ran at **0.86x the probe's bare step** (5,180 vs 6,000 samples/s, adafactor, batch 512)" in text
     assert ("- train: t5-small-scratch (adafactor, lr 0.01), 1800 steps of 512, 921,600 samples in 179.9 s of training (5,123 samples/s, "
             "5,180 after the first step of 2.1 s; ended by its time budget, 180 s), 231.0 s wall; best validation exact match 95.0% at step 1800") in text
     # A run that went NaN: no summary.json, but its curve and the divergence are in the report.
