@@ -11,7 +11,7 @@ previous report and no upload is in flight, so neither way pays for the other):
 - before: what train/loop.py did until the asynchronous upload: the full model + optimizer state gathered
   to rank 0 (`full_state_dicts`), written as a safetensors model folder + train_state.pt, then
   `ray.train.report` with the default synchronous upload (every rank waits at the barrier);
-- write_then_async_upload: what it did from then until 2026-11-28: the same gather and local write,
+- write_then_async_upload: what it did from then until 2026-11-27 evening: the same gather and local write,
   then `report` with the asynchronous upload (only the upload left the training thread);
 - after: `train.loop.save_checkpoint` as it is now, timed until it returns, plus the previous
   checkpoint's `report_checkpoint` (as at a log line; its write finished during the gap). DDP: a CPU

@@ -12,6 +12,7 @@ Kept free of Ray and torch at import time: the driver-side checks run before Ray
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -346,16 +347,31 @@ def round_up(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
-def pad_2d(rows: Sequence[Sequence[int]], pad_value: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token lists to the longest row (rounded up to `multiple`): (ids, mask) int64 arrays.
+@dataclasses.dataclass(frozen=True)
+class FlatRows:
+    """Token rows as slices of one flat array (row i: values[starts[i]:starts[i] + lengths[i]]), as the
+    training data is held in memory: pad_2d pads them in a few numpy ops, with no Python step per row."""
+
+    values: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def pad_2d(rows: Sequence[Sequence[int]] | FlatRows, pad_value: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token rows to the longest (rounded up to `multiple`): (ids, mask) int64 arrays.
     The mask comes from the lengths, not from `!= pad`: a tokenizer may use the pad id inside a row."""
     if len(rows) == 0:
         raise ValueError("cannot pad an empty batch")
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    if lengths.min() == 0:
+    if not isinstance(rows, FlatRows):
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        rows = FlatRows(np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]), np.cumsum(lengths) - lengths,
+                        lengths)
+    if rows.lengths.min() == 0:
         raise ValueError("a row has an empty token list (every sequence must end with eos)")
-    width = round_up(int(lengths.max()), multiple)
-    ids = np.full((len(rows), width), pad_value, dtype=np.int64)
-    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-    ids[mask.astype(bool)] = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows])
-    return ids, mask
+    pos = np.arange(round_up(int(rows.lengths.max()), multiple))
+    mask = pos[None, :] < rows.lengths[:, None]
+    gather = np.minimum(rows.starts[:, None] + pos[None, :], len(rows.values) - 1)  # past a row's end: masked
+    return np.where(mask, rows.values[gather], pad_value).astype(np.int64), mask.astype(np.int64)

@@ -106,7 +106,7 @@ def test_labels_are_padded_to_the_longest_answer_only(tmp_path):
 
 @pytest.mark.parametrize("multiple, window", [(8, 0), (1, 4)])
 def test_in_memory_batches_are_exactly_the_collators(tmp_path, multiple, window):
-    """The in-memory path pads straight from the flat token columns (FlatTokens.padded): the same tensors,
+    """The in-memory path pads straight from the flat token columns (FlatTokens.take -> pad_2d): the same tensors,
     dtype and shape as collate_seq2seq of the same rows, the pad id inside a row and the last row of the
     flat array (whose padding reads past the end) included."""
     from train.collate import collate_seq2seq

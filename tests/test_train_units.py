@@ -57,6 +57,16 @@ def test_collate_mask_from_lengths_not_pad_value():
     assert out["labels"].tolist() == [[1]]
 
 
+def test_pad_2d_of_flat_rows_reads_only_each_rows_slice():
+    """FlatRows (the in-memory path): rows anywhere in the flat array, in any order, the array's last row too."""
+    from cluster.core import FlatRows, pad_2d
+
+    values = np.array([9, 5, 6, 1, 9, 7, 1, 0, 3, 1], dtype=np.int32)
+    ids, mask = pad_2d(FlatRows(values, np.array([7, 1, 5]), np.array([3, 3, 2])), -1, 4)
+    assert ids.tolist() == [[0, 3, 1, -1], [5, 6, 1, -1], [7, 1, -1, -1]] and ids.dtype == np.int64
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0]]
+
+
 def test_collate_rejects_empty_rows():
     with pytest.raises(ValueError, match="empty token list"):
         collate_seq2seq({"input_ids": [[]], "labels": [[1]]})

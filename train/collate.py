@@ -24,7 +24,8 @@ __all__ = ["IGNORE_INDEX", "collate_seq2seq"]
 def collate_seq2seq(
     batch: dict[str, Sequence[Sequence[int]]], pad_id: int = 0, pad_to_multiple_of: int = 8
 ) -> dict[str, torch.Tensor]:
-    """{input_ids, labels} lists (as Ray Data hands them: arrays of arrays) -> model-ready tensors."""
+    """{input_ids, labels} token rows (as Ray Data hands them: arrays of arrays; or cluster.core.FlatRows,
+    the in-memory path's) -> model-ready tensors."""
     input_ids, attention_mask = pad_2d(batch["input_ids"], pad_id, pad_to_multiple_of)
     labels, _ = pad_2d(batch["labels"], IGNORE_INDEX)
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
