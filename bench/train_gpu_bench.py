@@ -34,7 +34,6 @@ import random
 import sys
 import time
 from datetime import datetime, timezone
-from types import SimpleNamespace
 
 from bench.flops import batch_train_flops, peak_tflops, round_up, sample_lengths
 
@@ -114,15 +113,15 @@ def make_batches(a: dict, micro_batch: int, n_batches: int, pad_src: int, pad_tg
 def run_one(model, a: dict, args, micro_batch: int, device, optimizer: str = "adamw") -> dict:
     import torch
 
+    from train.config import TrainConfig
     from train.loop import make_optimizer
 
     on_cuda = device.type == "cuda"
     batches = make_batches(a, micro_batch, args.distinct_batches, args.pad_to_multiple_of,
                            args.label_pad_to_multiple_of, args.bucket, device, args.seed,
                            lengths_from(args.lengths_from) if args.lengths_from else args.lengths)
-    # The optimizer training builds (train.loop.make_optimizer: fused AdamW on CUDA, or Adafactor)
-    hp = SimpleNamespace(optimizer=optimizer, lr=1e-4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999)
-    opt = make_optimizer(model, hp, device, None)
+    # The optimizer training builds (fused AdamW on CUDA, or Adafactor), with train's defaults
+    opt = make_optimizer(model, TrainConfig(data="-", optimizer=optimizer, lr=1e-4, weight_decay=0.0), device, None)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
 
     def step(b):
