@@ -114,25 +114,34 @@ def test_divergence_is_the_latest_attempts_and_survives_a_torn_line(tmp_path):
     assert divergence(path) is None
 
 
-def test_time_budget_end_from_rank0s_last_interval():
-    """train.max_time_s: the end step is where the budget runs out at the last interval's step rate,
-    capped by max_steps, never before the current step; no estimate before a whole step was timed."""
+def test_time_budget_end_at_the_runs_mean_step_time():
+    """train.max_time_s: the end step is where the budget runs out at the run's mean step time (rank 0's),
+    each start's first step left out, so one slow interval does not move it and a compiling first step does
+    not shorten it; capped by max_steps, never before the current step; no estimate before a step is timed."""
     from train.loop import Interval, RunState, time_budget_end
 
     cfg = TrainConfig(data="d", global_batch_size=8, num_workers=1, micro_batch_size=4, max_time_s=60.0)
     cpu = torch.device("cpu")
-    iv = Interval(micro=20, train_time=2.0)  # 10 steps (2 micro batches each) at 0.2 s per step
-    assert time_budget_end(iv, RunState(step=100, train_time_s=20.0), cfg, 10_000, cpu, 0) == 100 + 200
-    assert time_budget_end(iv, RunState(step=100, train_time_s=20.0), cfg, 250, cpu, 0) == 250
-    assert time_budget_end(iv, RunState(step=100, train_time_s=59.9), cfg, 10_000, cpu, 0) == 100  # spent
-    assert time_budget_end(iv, RunState(step=100, train_time_s=75.0), cfg, 10_000, cpu, 0) == 100  # overspent
+    iv = Interval(micro=20, train_time=2.5)  # the last 10 steps (2 micro batches each) at 0.25 s per step
+    state = dict(step=101, first_steps=1, first_steps_s=0.25)  # then 100 steps at 0.25 s: 25.25 s in all
+    assert time_budget_end(iv, RunState(**state, train_time_s=25.25), cfg, 10_000, cpu, 0) == 101 + 139
+    slow = Interval(micro=20, train_time=10.0)  # 1 s per step in the last interval: the mean (0.325 s) decides
+    assert time_budget_end(slow, RunState(**state, train_time_s=32.75), cfg, 10_000, cpu, 0) == 101 + 83
+    compiled = RunState(step=11, first_steps=1, first_steps_s=30.0, train_time_s=32.5)  # a 30 s first step
+    assert time_budget_end(iv, compiled, cfg, 10_000, cpu, 0) == 11 + 110  # 27.5 s left at 0.25 s, not 2.95 s
+    assert time_budget_end(iv, RunState(**state, train_time_s=25.25), cfg, 200, cpu, 0) == 200
+    assert time_budget_end(iv, RunState(**state, train_time_s=59.9), cfg, 10_000, cpu, 0) == 101  # spent
+    assert time_budget_end(iv, RunState(**state, train_time_s=75.0), cfg, 10_000, cpu, 0) == 101  # overspent
+    only_first = RunState(step=1, first_steps=1, first_steps_s=5.0, train_time_s=5.0)
+    assert time_budget_end(Interval(micro=2, train_time=5.0), only_first, cfg, 10_000, cpu, 0) == 1 + 11
     assert time_budget_end(Interval(micro=1), RunState(step=3, end_step=40), cfg, 10_000, cpu, 0) == 40
     # a validation step (eval_every 50) with less than a log interval (log_every 10) of budget left ends
     # there, rather than validating and checkpointing again a few steps later; other steps run it out
     cfg = dataclasses.replace(cfg, eval_every=50, log_every=10)
-    assert time_budget_end(iv, RunState(step=150, train_time_s=58.5), cfg, 10_000, cpu, 0) == 150
-    assert time_budget_end(iv, RunState(step=140, train_time_s=58.5), cfg, 10_000, cpu, 0) == 147
-    assert time_budget_end(iv, RunState(step=150, train_time_s=57.0), cfg, 10_000, cpu, 0) == 165
+    at = lambda step, t: RunState(step=step, first_steps=1, first_steps_s=0.0, train_time_s=t)  # noqa: E731
+    assert time_budget_end(iv, at(150, 59.0), cfg, 10_000, cpu, 0) == 150  # 1 s left at ~0.4 s per step
+    assert time_budget_end(iv, at(140, 59.0), cfg, 10_000, cpu, 0) == 142
+    assert time_budget_end(iv, at(150, 45.0), cfg, 10_000, cpu, 0) == 150 + 49  # 15 s at 0.302 s
     with pytest.raises(ConfigError, match="max_time_s"):
         TrainConfig(data="d", max_time_s=0)
 

@@ -77,7 +77,8 @@ class TrainConfig:
     """A time budget (Lightning's `max_time`): end the run once this many seconds of training steps are
     spent (data waits included; start-up, validation and checkpoints not), even before max_steps / epochs,
     which then only cap it. At every log interval the step where the budget runs out is estimated anew
-    from rank 0's last interval (so every worker stops at the same step), and the LR decay ends there. A
+    from rank 0's mean step time, each start's first step left out (so every worker stops at the same
+    step), and the LR decay ends there. A
     resumed run counts the time already trained. The step count then depends on the machine's speed."""
     seed: int = 0
     """Model init, data order (with the same worker count) and dropout (seed + rank on each worker, set

@@ -471,15 +471,26 @@ def early_stopping_update(state: RunState, cfg: TrainConfig) -> tuple[bool, bool
 
 def time_budget_end(iv: Interval, state: RunState, cfg: TrainConfig, max_steps: int, device: torch.device,
                     rank: int) -> int:
-    """train.max_time_s: the step at which the budget runs out, from rank 0's training seconds so far and
-    its last interval's seconds per step (rank 0's numbers, all-reduced with zeros: every rank gets the same
-    step, so they stop together); at a validation step, with less than a log interval of budget left, this
-    step. Called after `log_interval` added the interval to state.train_time_s."""
-    steps = iv.micro / cfg.grad_accum
-    used, interval_s, steps = all_sum([state.train_time_s, iv.train_time, steps] if rank == 0 else [0.0] * 3, device)
-    if steps < 1 or interval_s <= 0:
+    """train.max_time_s: the step at which the budget runs out, at the run's mean seconds per step so far
+    (rank 0's, all-reduced with zeros: every rank gets the same step, so they stop together), each start's
+    first step left out (train.compile's compilation, CUDA warm-up); the last interval's rate until a later
+    step is timed. A mean, not the last interval: one slow interval (a busy machine, a checkpoint upload)
+    moved the end, and with it the LR schedule, back and forth (measured on a shared 2-core VM: 13,986 ->
+    5,021 -> 10,724 steps in three intervals, the LR rising mid-decay). At a validation step, with less than
+    a log interval of budget left, this step. Called after `log_interval` added the interval to
+    state.train_time_s."""
+    first = rank == 0
+    steady = [state.train_time_s - state.first_steps_s, state.step - state.first_steps] if first else [0.0, 0]
+    last = [iv.train_time, iv.micro / cfg.grad_accum] if first else [0.0, 0]
+    used, steady_s, steady_steps, interval_s, steps = all_sum([state.train_time_s if first else 0.0, *steady, *last],
+                                                             device)
+    if steady_steps >= 1 and steady_s > 0:
+        step_s = steady_s / steady_steps
+    elif steps >= 1 and interval_s > 0:
+        step_s = interval_s / steps
+    else:
         return state.end_step or max_steps
-    left_steps = int((cfg.max_time_s - used) / (interval_s / steps))
+    left_steps = int((cfg.max_time_s - used) / step_s)
     if state.step % cfg.eval_every == 0 and left_steps < cfg.log_every:
         # this step validates (and may checkpoint) anyway: end here rather than validate and write a
         # checkpoint again a few steps later, at the budget's end
