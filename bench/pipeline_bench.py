@@ -3,6 +3,7 @@ same tokenizer; and `--source generate` vs the single-process generator (with an
 
     python -m bench.pipeline_bench --rows 200000 2000000      # file runs (hub's wrapped Parquet form)
     python -m bench.pipeline_bench --gen-rows 8000             # generator runs
+    python -m bench.pipeline_bench --rows --module-rows 20      # the generator's cost per module, all of them
     python -m bench.pipeline_bench --rows --writer-rows 2000000  # the writing alone: workers' and driver's CPU
     python -m bench.pipeline_bench --rows --driver-rows 400000   # the driver's own CPU in a whole run
 
@@ -217,6 +218,58 @@ def bench_generate(rows: int) -> list[dict]:
     return res
 
 
+MODULES_SCRIPT = r"""
+import json, sys, time
+import pipeline.generate as g
+rows, fast = int(sys.argv[1]), sys.argv[2] == "1"
+if not fast:
+    g._sympy_fast_paths = lambda: None
+gen = g._load_generator()
+out = {}
+for regime in ("train-easy", "train-medium", "train-hard", "interpolate", "extrapolate"):
+    for module in sorted(gen.filtered_modules[regime]):
+        g.generate_rows(module, regime, 1, seed=7)  # not timed: a module's first row fills sympy's caches
+        c0 = time.process_time()
+        g.generate_rows(module, regime, rows, seed=1)
+        out[f"{module}/{regime}"] = (time.process_time() - c0) / rows
+print(json.dumps(out))
+"""
+
+
+def bench_modules(rows: int) -> list[dict]:
+    """CPU seconds per generated row of every module x regime, the generator's own sympy calls vs
+    pipeline.generate's fast paths, one fresh process each; and what `configs/all-modules.yaml` costs:
+    666,666 rows per module and train regime, 10,000 interpolate and 10,000 extrapolate (where the module
+    has it)."""
+    res = {}
+    for fast in (False, True):
+        proc = subprocess.run([PY, "-c", MODULES_SCRIPT, str(rows), str(int(fast))], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "0"}, check=True)
+        res[fast] = json.loads(proc.stdout.strip().splitlines()[-1])
+    size = {"train-easy": 666_666, "train-medium": 666_666, "train-hard": 666_666, "interpolate": 10_000,
+            "extrapolate": 10_000}
+
+    def core_hours(per_row: dict) -> float:
+        return sum(s * size[k.split("/")[1]] for k, s in per_row.items()) / 3600
+
+    print("| module | regime | ms per row, generator's sympy | ms per row, fast paths | x |")
+    print("|---|---|---|---|---|")
+    for k in sorted(res[True], key=lambda k: -res[True][k])[:15]:
+        m, r = k.split("/")
+        print(f"| {m} | {r} | {1000 * res[False][k]:.1f} | {1000 * res[True][k]:.1f} | "
+              f"{res[False][k] / res[True][k]:.2f} |")
+    train = [k for k in res[True] if k.split("/")[1].startswith("train-")]
+    out = []
+    for fast in (False, True):
+        mean_ms = 1000 * sum(res[fast][k] for k in train) / len(train)
+        way = "fast paths" if fast else "the generator's own sympy"
+        out.append({"way": f"all modules, {way}", "rows": rows,
+                    "pairs": len(res[fast]), "train_mean_ms_per_row": round(mean_ms, 2),
+                    "all_modules_core_hours": round(core_hours(res[fast]), 1)})
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
 WRITER_SCRIPT = r"""
 import json, sys, time
 import numpy as np, pyarrow as pa
@@ -340,6 +393,8 @@ def main() -> None:
     p.add_argument("--gen-rows", type=int, default=0, help="rows for the generator comparison (0 = skip)")
     p.add_argument("--writer-rows", type=int, default=0, help="rows for the writing benchmark (0 = skip)")
     p.add_argument("--driver-rows", type=int, default=0, help="rows for the driver-CPU run (0 = skip)")
+    p.add_argument("--module-rows", type=int, default=0,
+                   help="rows per module x regime for the per-module generator cost (0 = skip)")
     p.add_argument("--skip-single", action="store_true", help="skip the seed's single-process run")
     p.add_argument("--tokenizers", nargs="*", default=["unigram-1000", "char"], help="unigram-1000 and/or char")
     args = p.parse_args()
@@ -355,13 +410,15 @@ def main() -> None:
         results += bench_writer(args.writer_rows)
     if args.driver_rows:
         results += bench_driver(args.driver_rows)
+    if args.module_rows:
+        results += bench_modules(args.module_rows)
     info["load_avg_end"] = os.getloadavg()
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"pipeline_bench_{int(time.time())}.json"
     path.write_text(json.dumps({"info": info, "results": results}, indent=1))
     print("| rows | tokenizer | way | wall s | rows/s | x vs num_proc=2 | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
-    for r in results:
+    for r in (r for r in results if "wall_s" in r):  # the per-module table printed its own
         print(f"| {r['rows']} | {r.get('tokenizer', '-')} | {r['way']} | {r['wall_s']} | {r['rows_per_s']} | "
               f"{r.get('speedup_vs_num_proc_2', r.get('speedup'))} | {r['peak_rss_mib']} |")
     print(json.dumps(info), f"-> {path}")
