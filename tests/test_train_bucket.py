@@ -148,19 +148,32 @@ def test_bucketed_in_memory_every_row_once_per_epoch_and_resume(tmp_path):
         assert [row_ids(next(resumed)) for _ in range(30 - stop)] == reference[stop:]
 
 
-def test_streamed_bucketed_shard_every_row_once_and_resume(ray_local):
+@pytest.mark.parametrize("columns", ["parquet lists", "numpy tensors"])
+def test_streamed_bucketed_shard_every_row_once_and_resume(ray_local, columns):
+    """Both column forms a shard can hold: list<int32> as the pipeline's Parquet is read, and Ray Data's
+    tensor columns (a dataset made from numpy arrays)."""
+    import pyarrow as pa
     import ray.data
 
     lengths = varied_lengths(96, seed=1)
-    ds = ray.data.from_items([{"input_ids": np.array([i + 3, *x], dtype=np.int32),
-                               "labels": np.array([5, 1], dtype=np.int32)} for i, x in enumerate(lengths)],
-                             override_num_blocks=4)
+    rows = [[i + 3, *x] for i, x in enumerate(lengths)]
+    if columns == "numpy tensors":
+        ds = ray.data.from_items([{"input_ids": np.array(r, dtype=np.int32), "labels": np.array([5, 1], dtype=np.int32)}
+                                  for r in rows], override_num_blocks=4)
+    else:
+        table = pa.table({"input_ids": pa.array(rows, pa.list_(pa.int32())),
+                          "labels": pa.array([[5, 1]] * len(rows), pa.list_(pa.int32()))})
+        ds = ray.data.from_arrow([table.slice(i, 24) for i in range(0, len(rows), 24)])
     src = StreamedShard(ds.iterator(), rank=0, micro_batch=8, seed=0, shuffle_buffer=4, pad_id=0,
                         pad_to_multiple_of=8, bucket_window=4)
     e0 = [row_ids(b) for b in src.epoch(0, 0)]
     assert sorted(i for b in e0 for i in b) == list(range(96))  # 3 windows of 4 batches: every row once
     assert [row_ids(b) for b in src.epoch(0, 0)] == e0  # replayed identically
     assert [row_ids(b) for b in src.epoch(0, 6)] == e0[6:]  # resume mid-window
+    for b in src.epoch(0, 0):  # each row's own tokens, then padding; labels padded to the longest answer
+        for i, ids, mask in zip(row_ids(b), b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=True):
+            assert ids[:sum(mask)] == rows[i] and set(ids[sum(mask):]) <= {0} and sum(mask) == len(rows[i])
+        assert b["labels"].tolist() == [[5, 1]] * 8
     plain = StreamedShard(ds.iterator(), rank=0, micro_batch=8, seed=0, shuffle_buffer=4, pad_id=0,
                           pad_to_multiple_of=8)
     pad = [sum(b["input_ids"].numel() for b in s.epoch(0, 0)) for s in (plain, src)]

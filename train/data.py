@@ -130,6 +130,8 @@ class FlatTokens:
         import pyarrow as pa
 
         arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        if isinstance(arr, pa.ExtensionArray):  # Ray Data's tensor columns (a dataset made from numpy arrays)
+            arr = pa.array([np.asarray(r).ravel() for r in arr.to_numpy(zero_copy_only=False)])
         arr = arr.cast(pa.large_list(pa.int32()))
         self.offsets = arr.offsets.to_numpy().astype(np.int64)
         self.values = arr.values.to_numpy()
@@ -218,22 +220,24 @@ class StreamedShard:
     def _bucketed(self, epoch: int, start: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """Windows of micro x window rows (the same shuffled stream as unbucketed), each regrouped by
         `bucket_order` with a generator seeded by (seed, epoch, rank, window number); a last partial window
-        keeps its full micro batches (drop_last, as unbucketed). Collated here, in the loop's thread."""
+        keeps its full micro batches (drop_last, as unbucketed). Collated here, in the loop's thread, from
+        each window's Arrow columns held as flat arrays (`FlatTokens`, as the in-memory path): no Python
+        object per row (a numpy-format window made an array per row, and each micro batch a list of them)."""
         rows = self.micro * self.window
-        windows = self.shard.iter_batches(batch_size=rows, batch_format="numpy", drop_last=False,
+        windows = self.shard.iter_batches(batch_size=rows, batch_format="pyarrow", drop_last=False,
                                           local_shuffle_buffer_size=self.buffer, local_shuffle_seed=seed)
         i = 0
         for w, batch in enumerate(windows):
-            n = len(batch["input_ids"]) // self.micro * self.micro
+            n = batch.num_rows // self.micro * self.micro
             if i + n // self.micro <= start:  # resume: a whole window already trained on
                 i += n // self.micro
                 continue
-            lengths = np.fromiter(map(len, batch["input_ids"]), dtype=np.int64, count=len(batch["input_ids"]))
-            order = bucket_order(np.arange(n), lengths, self.micro, self.window, self.multiple,
-                                 epoch_rng(self.seed, epoch, self.rank, w))
+            cols = {k: FlatTokens(batch[k]) for k in TRAIN_COLUMNS}
+            order = bucket_order(np.arange(n), np.diff(cols["input_ids"].offsets), self.micro, self.window,
+                                 self.multiple, epoch_rng(self.seed, epoch, self.rank, w))
             for b in order.reshape(-1, self.micro):
                 if i >= start:
-                    yield self.collate({k: [batch[k][j] for j in b] for k in TRAIN_COLUMNS})
+                    yield self.collate({k: c.take(b) for k, c in cols.items()})
                 i += 1
 
     def describe(self) -> str:
