@@ -689,3 +689,25 @@ def test_steady_rate_leaves_out_each_starts_first_step():
     assert steady_rate(m, 8) == {"first_steps": 2, "first_steps_s": 20.0, "samples_per_s_after_first_step": 78.4}
     assert steady_rate({**m, "samples": 16}, 8)["samples_per_s_after_first_step"] is None  # only first steps
     assert steady_rate({"samples": 80, "train_time_s": 2.0}, 8)["first_steps"] == 0  # an older checkpoint's metrics
+
+
+def test_log_line_eta_is_the_time_budget_left_before_its_end_step_is_estimated(tmp_path, caplog):
+    """With train.max_time_s the first log line comes before any estimate of the budget's end step
+    (max_steps is only a cap, e.g. 1,000,000): its eta is the budget left, not max_steps' hours."""
+    import logging
+
+    from train.loop import Interval, RunState, log_interval
+    from train.tracking import NoTracker
+
+    cfg = TrainConfig(data="d", global_batch_size=8, num_workers=1, max_time_s=100.0)
+    iv = Interval(loss=torch.tensor(8.0), micro=4, tokens=400, samples=32, train_time=10.0)
+    iv.t0 -= 10.0
+    with caplog.at_level(logging.INFO, logger="mathtune.train"):
+        log_interval(iv, RunState(step=4, samples=32), 0.01, 0, 1_000_000, cfg, torch.device("cpu"), 0,
+                     tmp_path / "metrics.jsonl", NoTracker())
+    assert "step 4/1000000 loss 2.0000" in caplog.text and "eta 00:01:30" in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mathtune.train"):  # without a budget: max_steps at this rate
+        log_interval(iv, RunState(step=4, samples=32), 0.01, 0, 40, dataclasses.replace(cfg, max_time_s=None),
+                     torch.device("cpu"), 0, tmp_path / "metrics.jsonl", NoTracker())
+    assert "eta 00:01:30" in caplog.text, caplog.text

@@ -387,6 +387,8 @@ def log_interval(iv: Interval, state: RunState, lr: float, epoch: int, max_steps
            "epoch": epoch, "samples": state.samples, "samples_per_s": smp / elapsed, "tokens_per_s": toks / elapsed}
     if rank == 0:
         eta = (max_steps - state.step) * elapsed * cfg.global_batch_size / max(smp, 1)
+        if cfg.max_time_s is not None:  # the budget's end, also before the first estimate of its step
+            eta = min(eta, max(0.0, cfg.max_time_s - state.train_time_s))
         log.info("[train] step %d/%d loss %.4f grad norm %.3g lr %.2e %.0f samples/s %.0f tokens/s eta %s",
                  state.step, max_steps, rec["loss"], rec["grad_norm"], lr, rec["samples_per_s"],
                  rec["tokens_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)))
