@@ -244,6 +244,8 @@ REGIME_ORDER = ("train-easy", "train-medium", "train-hard", "interpolate", "extr
 COLLAPSE_SHARE = 0.2  # one prediction on >= 20% of the rows, >= 20 points more often than it is the gold
 COLLAPSE_MIN_ROWS = 50  # fewer rows say too little to call it
 TOP_PREDICTIONS = 5
+SIGN_GAP = 0.2  # negative answers predicted >= 20 points more (or less) often than in the gold: a sign bias
+_NUMBER_START = re.compile(r"-?\d")
 
 
 def regime_order(regimes: Iterable[str]) -> list[str]:
@@ -275,6 +277,31 @@ def collapse(preds: Sequence[str], answers: Sequence[str], share: float = COLLAP
     }
 
 
+def sign_balance(preds: Sequence[str], answers: Sequence[str], em: Sequence[bool]) -> dict[str, Any]:
+    """Do the predicted signs follow the gold's? Over rows whose normalized prediction and gold both read
+    as numbers: the share of negative predictions, of negative gold answers, and exact match on each side
+    of the gold. Biased: at least COLLAPSE_MIN_ROWS such rows and the two shares SIGN_GAP or more apart.
+    A character-level model unsure of the sign answers "-" first (one token against ten first digits):
+    measured, 94% negative answers for 47% negative gold while its magnitudes were right on 21% of rows,
+    which the collapse check (whole answers) does not see."""
+    rows = [(p.startswith("-"), r.startswith("-"), bool(e)) for p, r, e in zip(preds, answers, em, strict=True)
+            if _NUMBER_START.match(p) and _NUMBER_START.match(r)]
+    n = len(rows)
+    neg = [e for _, g, e in rows if g]
+    pos = [e for _, g, e in rows if not g]
+    pred_neg = sum(p for p, _, _ in rows) / n if n else 0.0
+    gold_neg = len(neg) / n if n else 0.0
+    return {
+        "rows": n,
+        "predicted_negative": pred_neg,
+        "gold_negative": gold_neg,
+        "exact_match_gold_negative": sum(neg) / len(neg) if neg else None,
+        "exact_match_gold_positive": sum(pos) / len(pos) if pos else None,
+        "biased": n >= COLLAPSE_MIN_ROWS and abs(pred_neg - gold_neg) >= SIGN_GAP,
+        "gap": SIGN_GAP,
+    }
+
+
 def _summary(idx: list[int], cols: Mapping[str, Sequence], teacher_forced: bool) -> dict[str, Any]:
     n = len(idx)
     if not n:
@@ -295,7 +322,7 @@ def _summary(idx: list[int], cols: Mapping[str, Sequence], teacher_forced: bool)
 def aggregate(cols: Mapping[str, Sequence], teacher_forced: bool = False,
               collapse_share: float = COLLAPSE_SHARE) -> dict[str, Any]:
     """Scored rows (SCORE_COLUMNS, optional regime, module, tf_em, truncated) -> overall metrics, by
-    regime, by module x regime, error classes (overall and by regime) and the collapse check.
+    regime, by module x regime, error classes (overall and by regime), the collapse and sign checks.
 
     The only aggregation eval has: `python -m eval`, `--predictions` and the evaluate module all use it.
     """
@@ -337,4 +364,5 @@ def aggregate(cols: Mapping[str, Sequence], teacher_forced: bool = False,
         "error_classes": errors,
         "error_classes_by_regime": {r: errors_by_regime[r] for r in regime_order(errors_by_regime)},
         "collapse": overall,
+        "sign": sign_balance(preds, answers, [bool(x) for x in cols["em"]]),
     }

@@ -84,8 +84,8 @@ def plot_accuracy_by_module(metrics: dict[str, Any], path: Path) -> None:
 
 
 def collapse_lines(metrics: dict[str, Any]) -> list[str]:
-    """The console's (and report's) warnings when the model answers (nearly) the same thing every time:
-    overall, and per module when there are several."""
+    """The console's (and report's) warnings when the model answers (nearly) the same thing every time
+    (overall, and per module when there are several), or gets the sign of numeric answers wrong one way."""
     c = metrics.get("collapse") or {}
     out = []
     if c.get("collapsed"):
@@ -94,6 +94,14 @@ def collapse_lines(metrics: dict[str, Any]) -> list[str]:
                    f"({c['distinct_predictions']} distinct answers given, {c['distinct_answers']} in the gold; the "
                    f"most common gold answer is {100 * c['top_answer_share']:.1f}%). Exact match here measures "
                    "guessing, not solving.")
+    sign = metrics.get("sign") or {}
+    if sign.get("biased") and not c.get("collapsed"):
+        em = ", ".join(f"{100 * sign[k]:.1f}% where the gold is {side}" for k, side in
+                       (("exact_match_gold_negative", "negative"), ("exact_match_gold_positive", "positive"))
+                       if sign.get(k) is not None)
+        out.append(f"WARNING: sign bias: {100 * sign['predicted_negative']:.1f}% of the numeric answers given are "
+                   f"negative, {100 * sign['gold_negative']:.1f}% of the gold's ({sign['rows']} rows; exact match "
+                   f"{em}). The model has not learned when the answer is negative.")
     mods = c.get("collapsed_modules") or []
     if mods and len(metrics.get("by_module", {})) > 1:
         per = ", ".join(

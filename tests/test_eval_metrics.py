@@ -201,6 +201,33 @@ def test_collapse_warnings_in_console_lines():
     assert collapse_lines(aggregate(_cols(refs, refs, ["interpolate"] * 300, mods))) == []
 
 
+def test_sign_bias_is_flagged_where_the_collapse_check_sees_nothing():
+    """What the 95-minute CPU run's model did: varied answers (no collapse), nearly all of them negative
+    while half the gold is positive."""
+    from eval.metrics import sign_balance
+    from eval.report import collapse_lines
+
+    refs = [str(v) for i in range(100) for v in [i % 40 + 1, -(i % 40 + 1)]]  # 200 rows, half negative
+    # positive gold: the right magnitude, negated; negative gold: right on every other row
+    preds = ["-" + r if i % 2 == 0 else r if i % 4 == 1 else r + "1" for i, r in enumerate(refs)]
+    b = sign_balance(preds, refs, [p == r for p, r in zip(preds, refs, strict=True)])
+    assert b["rows"] == 200 and b["predicted_negative"] == 1.0 and b["gold_negative"] == 0.5 and b["biased"]
+    assert b["exact_match_gold_positive"] == 0.0 and b["exact_match_gold_negative"] == 0.5
+    m = aggregate(_cols(preds, refs, ["interpolate"] * 200, ["algebra__linear_1d"] * 200))
+    assert not m["collapse"]["collapsed"] and m["sign"] == b
+    assert collapse_lines(m) == [
+        "WARNING: sign bias: 100.0% of the numeric answers given are negative, 50.0% of the gold's (200 rows; "
+        "exact match 50.0% where the gold is negative, 0.0% where the gold is positive). The model has not "
+        "learned when the answer is negative."]
+    assert not sign_balance(refs, refs, [True] * 200)["biased"]  # the gold's own signs
+    near = ["-" + r.lstrip("-") if i % 10 == 0 else r for i, r in enumerate(refs)]  # 55% vs 50%: fine
+    assert not sign_balance(near, refs, [False] * 200)["biased"]
+    assert sign_balance(["-1"] * 49, ["1"] * 49, [False] * 49)["rows"] == 49  # too few rows to judge ...
+    assert not sign_balance(["-1"] * 49, ["1"] * 49, [False] * 49)["biased"]
+    words = sign_balance(["True", "-", "x"] * 30, ["False", "-2", "3"] * 30, [False] * 90)  # ... non-numbers left out
+    assert words["rows"] == 0 and not words["biased"]
+
+
 def test_parse_number_is_exact():
     assert parse_number("0.1") * 10 == 1
     assert parse_number("-3/4") == parse_number("-0.75")
