@@ -245,7 +245,6 @@ COLLAPSE_SHARE = 0.2  # one prediction on >= 20% of the rows, >= 20 points more 
 COLLAPSE_MIN_ROWS = 50  # fewer rows say too little to call it
 TOP_PREDICTIONS = 5
 SIGN_GAP = 0.2  # negative answers predicted >= 20 points more (or less) often than in the gold: a sign bias
-_NUMBER_START = re.compile(r"-?\d")
 
 
 def regime_order(regimes: Iterable[str]) -> list[str]:
@@ -278,14 +277,14 @@ def collapse(preds: Sequence[str], answers: Sequence[str], share: float = COLLAP
 
 
 def sign_balance(preds: Sequence[str], answers: Sequence[str], em: Sequence[bool]) -> dict[str, Any]:
-    """Do the predicted signs follow the gold's? Over rows whose normalized prediction and gold both read
-    as numbers: the share of negative predictions, of negative gold answers, and exact match on each side
-    of the gold. Biased: at least COLLAPSE_MIN_ROWS such rows and the two shares SIGN_GAP or more apart.
+    """Do the predicted signs follow the gold's? Over rows whose normalized prediction and gold are both
+    numbers (`parse_number`, as the error classes: "-3, 1, 5" is a list, not a negative number): the share
+    of negative predictions, of negative gold answers, and exact match on each side of the gold. Biased: at least COLLAPSE_MIN_ROWS such rows and the two shares SIGN_GAP or more apart.
     A character-level model unsure of the sign answers "-" first (one token against ten first digits):
     measured, 94% negative answers for 47% negative gold while its magnitudes were right on 21% of rows,
     which the collapse check (whole answers) does not see."""
-    rows = [(p.startswith("-"), r.startswith("-"), bool(e)) for p, r, e in zip(preds, answers, em, strict=True)
-            if _NUMBER_START.match(p) and _NUMBER_START.match(r)]
+    values = ((parse_number(p), parse_number(r), bool(e)) for p, r, e in zip(preds, answers, em, strict=True))
+    rows = [(p < 0, r < 0, e) for p, r, e in values if p is not None and r is not None]
     n = len(rows)
     neg = [e for _, g, e in rows if g]
     pos = [e for _, g, e in rows if not g]

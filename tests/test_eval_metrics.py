@@ -224,8 +224,8 @@ def test_sign_bias_is_flagged_where_the_collapse_check_sees_nothing():
     assert not sign_balance(near, refs, [False] * 200)["biased"]
     assert sign_balance(["-1"] * 49, ["1"] * 49, [False] * 49)["rows"] == 49  # too few rows to judge ...
     assert not sign_balance(["-1"] * 49, ["1"] * 49, [False] * 49)["biased"]
-    words = sign_balance(["True", "-", "x"] * 30, ["False", "-2", "3"] * 30, [False] * 90)  # ... non-numbers left out
-    assert words["rows"] == 0 and not words["biased"]
+    words = sign_balance(["True", "-", "x", "-3, 1, 5"] * 30, ["False", "-2", "3", "1, 3, 5"] * 30, [False] * 120)
+    assert words["rows"] == 0 and not words["biased"]  # ... non-numbers (a list too) left out
 
 
 def test_parse_number_is_exact():
