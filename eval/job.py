@@ -82,7 +82,7 @@ def _aggregate(table, teacher_forced: bool, collapse_share: float) -> dict[str, 
 def _finish(cfg: EvalConfig, out: Path, table, metrics: dict[str, Any], train_dir: Path | None) -> dict:
     import pyarrow.parquet as pq
 
-    from eval.report import collapse_lines, write_report
+    from eval.report import warning_lines, write_report
 
     cols = [c for c in (*PREDICTION_FILE_COLUMNS, *EXTRA_COLUMNS) if c in table.column_names]
     tmp = out / "predictions.parquet.tmp"
@@ -104,7 +104,7 @@ def _finish(cfg: EvalConfig, out: Path, table, metrics: dict[str, Any], train_di
         for m, v in metrics["by_module"].items():
             print(f"[eval]   {m}: exact match {100 * v['exact_match']:.2f}%, F1 {100 * v['f1']:.2f}% "
                   f"(n={v['n']})", flush=True)
-    for warning in collapse_lines(metrics):
+    for warning in warning_lines(metrics):
         print(f"[eval] {warning}", flush=True)
     return metrics
 

@@ -83,7 +83,7 @@ def plot_accuracy_by_module(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def collapse_lines(metrics: dict[str, Any]) -> list[str]:
+def warning_lines(metrics: dict[str, Any]) -> list[str]:
     """The console's (and report's) warnings when the model answers (nearly) the same thing every time
     (overall, and per module when there are several), or gets the sign of numeric answers wrong one way."""
     c = metrics.get("collapse") or {}
@@ -111,9 +111,9 @@ def collapse_lines(metrics: dict[str, Any]) -> list[str]:
     return out
 
 
-def collapse_section(metrics: dict[str, Any]) -> list[str]:
-    """A warning block for report.md when the model has collapsed onto a few answers, else nothing."""
-    lines = collapse_lines(metrics)
+def warning_section(metrics: dict[str, Any]) -> list[str]:
+    """A warning block for report.md (collapse, sign bias) with the top predictions, else nothing."""
+    lines = warning_lines(metrics)
     if not lines:
         return []
     out = [x for line in lines for x in (f"> **{line}**", ">")][:-1]
@@ -176,7 +176,7 @@ def write_report(metrics: dict[str, Any], out: Path, train_dir: Path | None) -> 
         ),
         f"- rows: {metrics['rows_in']} in, {metrics['rows_scored']} scored",
         "",
-        *collapse_section(metrics),
+        *warning_section(metrics),
         "| metric | value |",
         "|---|---|",
         f"| **exact match (generation)** | **{_pct(metrics['exact_match'])}** |",

@@ -189,23 +189,23 @@ def test_collapse_on_a_skewed_gold_small_or_varied_sets():
 
 
 def test_collapse_warnings_in_console_lines():
-    from eval.report import collapse_lines
+    from eval.report import warning_lines
 
     refs = [str(i % 40 - 20) for i in range(200)] + ["True", "False"] * 50
     preds = ["-10"] * 200 + ["True", "False"] * 50
     mods = ["algebra__linear_1d"] * 200 + ["numbers__is_prime"] * 100
     m = aggregate(_cols(preds, refs, ["interpolate"] * 300, mods))
-    lines = collapse_lines(m)
+    lines = warning_lines(m)
     assert lines[0].startswith("WARNING: the model has collapsed: it answers '-10' 66.7%")
     assert lines[1] == "WARNING: collapsed in module(s) algebra__linear_1d ('-10' for 100.0% of its rows)."
-    assert collapse_lines(aggregate(_cols(refs, refs, ["interpolate"] * 300, mods))) == []
+    assert warning_lines(aggregate(_cols(refs, refs, ["interpolate"] * 300, mods))) == []
 
 
 def test_sign_bias_is_flagged_where_the_collapse_check_sees_nothing():
     """What the 95-minute CPU run's model did: varied answers (no collapse), nearly all of them negative
     while half the gold is positive."""
     from eval.metrics import sign_balance
-    from eval.report import collapse_lines
+    from eval.report import warning_lines
 
     refs = [str(v) for i in range(100) for v in [i % 40 + 1, -(i % 40 + 1)]]  # 200 rows, half negative
     # positive gold: the right magnitude, negated; negative gold: right on every other row
@@ -215,7 +215,7 @@ def test_sign_bias_is_flagged_where_the_collapse_check_sees_nothing():
     assert b["exact_match_gold_positive"] == 0.0 and b["exact_match_gold_negative"] == 0.5
     m = aggregate(_cols(preds, refs, ["interpolate"] * 200, ["algebra__linear_1d"] * 200))
     assert not m["collapse"]["collapsed"] and m["sign"] == b
-    assert collapse_lines(m) == [
+    assert warning_lines(m) == [
         "WARNING: sign bias: 100.0% of the numeric answers given are negative, 50.0% of the gold's (200 rows; "
         "exact match 50.0% where the gold is negative, 0.0% where the gold is positive). The model has not "
         "learned when the answer is negative."]
